@@ -1,0 +1,416 @@
+"""A frozen LMM behind three calls: chat, stream_chat and attend.
+
+`Backend` does the family-independent work: it prefills the prompt once and keeps the
+KV cache (keyed by prompt ids + pixels, so chat() then attend() on the same prompt
+runs the image and the prompt once), generates answers from that cache, and
+teacher-forces an answer in one forward pass while `capture.py` records each answer
+token's softmax row over the image tokens in every decoder layer.
+
+How a family plugs in (see llava.py for a short example): subclass `Backend` and set
+
+    family: str                   # registry name, e.g. "llava"
+    model_class: type             # transformers class used by from_pretrained
+    image_token_id (property)     # default: model.config.image_token_id
+
+and implement the two hooks that know the family's prompt and image layout:
+
+    flmm_text(self) -> str
+        The prompt text F-LMM's head was trained with (flmm.md section 5), with the
+        processor's image placeholder, ending at the assistant prefix.
+        `self.grounding_prompt` is the question to put in it.
+    image_views(self, inputs, input_size) -> list[ViewTokens]
+        Where the image tokens of `inputs` (the processor's output) sit: one ViewTokens
+        per grid (base image, anyres tiles...), with its box in pixels of the image that
+        was given to the processor (input_size = (width, height)) and the sequence
+        positions of its tokens, row-major. Columns that are not image patches (e.g.
+        LLaVA-NeXT's image_newline) are simply not listed.
+
+Optional hooks, with defaults that suit Llama-style models:
+
+    chat_text(history, question) -> str   # default: processor.apply_chat_template
+    prepare_image(image, template) -> (image, origin)
+        # what the processor receives and where its top-left pixel lies in the original
+        # image; default: unchanged, origin (0, 0). LLaVA's flmm template pads to square.
+    processor_kwargs(template) -> dict     # extra processor arguments
+    answer_prefix: str                     # text glued before the answer when tokenizing it
+    text_config_key: str                   # sub-config of the language model ("text_config")
+    language_model (property)              # decoder with .layers[i].self_attn
+    prefill_inputs(prompt) / cached_forward_inputs(prompt, new_ids)
+        # model kwargs for the prompt prefill (all but the last prompt token) and for a
+        # forward over the cache; override where positions depend on the image (mrope).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoProcessor,
+    DynamicCache,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+from transformers.cache_utils import DynamicLayer
+
+from flmm_demo.backends.capture import capture_attention, decoder_attention_modules, install_capture, stack_rows
+from flmm_demo.types import AnswerAttention, ImageView, Turn
+
+DEFAULT_GROUNDING_PROMPT = "Please give me a description of the image."
+
+
+@dataclass(frozen=True)
+class ViewTokens:
+    """One grid of image tokens: its place in the image and in the token sequence.
+
+    box: (x0, y0, x1, y1) pixels of the image the processor received (a family hook
+        returns it so); the base class moves it to original-image pixels.
+    positions: (rows*cols,) long, sequence positions of the grid's tokens, row-major.
+    """
+
+    name: str
+    grid: tuple[int, int]
+    box: tuple[float, float, float, float]
+    positions: torch.Tensor
+
+
+@dataclass
+class Prompt:
+    """A tokenized prompt with its image, ready for the model.
+
+    inputs: model kwargs from the processor (input_ids (1, S), attention_mask (1, S),
+        pixel_values, ...). views: ViewTokens with boxes in ORIGINAL image pixels.
+    """
+
+    inputs: dict[str, torch.Tensor]
+    views: list[ViewTokens]
+    image_size: tuple[int, int]  # (width, height) of the original image
+    key: str  # digest of ids + pixels: same key, same prefill
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.inputs["input_ids"]
+
+
+@dataclass
+class _Prefix:
+    """A prefilled prompt: the KV cache of all prompt tokens but the last one."""
+
+    key: str
+    cache: DynamicCache
+    length: int  # tokens in the cache
+    pristine: DynamicCache | None  # a copy to restore from when the cache cannot be cropped
+
+
+@dataclass
+class _Generation:
+    key: str
+    text: str
+    ids: list[int]
+
+
+class _StopFlag(StoppingCriteria):
+    """Stops generation when the consumer of stream_chat goes away."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Backend:
+    """A frozen LMM family: chat with an image, and read what the answer looked at."""
+
+    family: ClassVar[str] = ""
+    model_class: ClassVar[type[PreTrainedModel] | None] = None
+    text_config_key: ClassVar[str] = "text_config"
+    answer_prefix: ClassVar[str] = ""
+
+    def __init__(self, model: PreTrainedModel, processor: Any, *, grounding_prompt: str | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.grounding_prompt = grounding_prompt or DEFAULT_GROUNDING_PROMPT
+        text_config = model.config.get_text_config()
+        self.num_layers: int = text_config.num_hidden_layers
+        self.num_heads: int = text_config.num_attention_heads
+        self.hidden_size: int = text_config.hidden_size
+        install_capture(model, self.text_config_key)
+        self._attention_modules = decoder_attention_modules(self.language_model)
+        if len(self._attention_modules) != self.num_layers:
+            raise ValueError(f"found {len(self._attention_modules)} decoder layers, config says {self.num_layers}")
+        self._prefix: _Prefix | None = None
+        self._last_generation: _Generation | None = None
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "Backend":
+        """Load model and processor from a local folder or a (cached) Hugging Face id."""
+        if cls.model_class is None:
+            raise TypeError(f"{cls.__name__} sets no model_class; use a family class or load_backend()")
+        model = cls.model_class.from_pretrained(path_or_id, dtype=dtype).to(device)
+        processor = AutoProcessor.from_pretrained(path_or_id)
+        return cls(model, processor)
+
+    # ------------------------------------------------------------ family hooks
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The LLM decoder (its .layers[i].self_attn are captured)."""
+        return self.model.model.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def flmm_text(self) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must implement flmm_text()")
+
+    def image_views(self, inputs: dict[str, torch.Tensor], input_size: tuple[int, int]) -> list[ViewTokens]:
+        raise NotImplementedError(f"{type(self).__name__} must implement image_views()")
+
+    def chat_text(self, history: list[Turn], question: str) -> str:
+        """The model's own chat template, up to and including the assistant prefix."""
+        if not getattr(self.processor, "chat_template", None):
+            raise ValueError(
+                f"the {self.family} processor has no chat_template; load a chat checkpoint or set processor.chat_template"
+            )
+        messages: list[dict[str, Any]] = []
+        for turn in history:
+            messages.append({"role": "user", "content": [{"type": "text", "text": turn.user}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+        messages[0]["content"].insert(0, {"type": "image"})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float]]:
+        """(image for the processor, position of its top-left pixel in the original image)."""
+        return image, (0.0, 0.0)
+
+    def processor_kwargs(self, template: str) -> dict[str, Any]:
+        return {}
+
+    def prefill_inputs(self, prompt: Prompt) -> dict[str, Any]:
+        """Model kwargs that prefill all prompt tokens but the last (whose row starts attend's pass)."""
+        inputs = dict(prompt.inputs)
+        inputs["input_ids"] = prompt.input_ids[:, :-1]
+        inputs["attention_mask"] = prompt.inputs["attention_mask"][:, :-1]
+        return inputs
+
+    def cached_forward_inputs(self, prompt: Prompt, new_ids: torch.Tensor) -> dict[str, Any]:
+        """Model kwargs to run new_ids (1, n) after the prefilled prompt prefix."""
+        total = self._prefix.length + new_ids.shape[1]
+        return {"input_ids": new_ids, "attention_mask": torch.ones(1, total, dtype=torch.long, device=new_ids.device)}
+
+    # ----------------------------------------------------------------- prompts
+    def build_prompt(self, image: Image.Image, history: list[Turn], question: str, template: str = "chat") -> Prompt:
+        """Tokenize the prompt (chat template or F-LMM's) with the image."""
+        if template == "chat":
+            text = self.chat_text(history, question)
+        elif template == "flmm":
+            text = self.flmm_text()
+        else:
+            raise ValueError(f"template must be 'chat' or 'flmm', got {template!r}")
+        image = image.convert("RGB")
+        processed, (ox, oy) = self.prepare_image(image, template)
+        inputs = self.processor(images=processed, text=text, return_tensors="pt", **self.processor_kwargs(template))
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        if "attention_mask" not in inputs:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        dtype = self.model.dtype
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        views = [
+            ViewTokens(v.name, v.grid, (v.box[0] + ox, v.box[1] + oy, v.box[2] + ox, v.box[3] + oy), v.positions)
+            for v in self.image_views(inputs, processed.size)
+        ]
+        n_image = int((inputs["input_ids"] == self.image_token_id).sum())
+        if n_image == 0:
+            raise ValueError("the prompt holds no image tokens; does the chat template put the image placeholder in?")
+        return Prompt(inputs, views, image.size, _digest(inputs))
+
+    # -------------------------------------------------------------- prefill
+    def _prefilled(self, prompt: Prompt) -> _Prefix:
+        """The KV cache of the prompt minus its last token, computed once per prompt."""
+        if self._prefix is not None and self._prefix.key == prompt.key:
+            return self._prefix
+        self._prefix = None  # free the old cache before building the new one
+        with torch.inference_mode():
+            out = self.model(**self.prefill_inputs(prompt), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        croppable = all(type(layer) is DynamicLayer for layer in cache.layers)
+        self._prefix = _Prefix(prompt.key, cache, prompt.input_ids.shape[1] - 1, None if croppable else copy.deepcopy(cache))
+        return self._prefix
+
+    def _rewind(self) -> None:
+        """Restore the cache to the prompt prefix after a generation or a teacher-forced pass."""
+        prefix = self._prefix
+        extra = prefix.cache.get_seq_length() - prefix.length
+        if prefix.pristine is not None:
+            prefix.cache = copy.deepcopy(prefix.pristine)
+        elif extra > 0:
+            prefix.cache.crop(-extra)
+
+    # ------------------------------------------------------------------- chat
+    def chat(
+        self, image: Image.Image, history: list[Turn], question: str, *, max_new_tokens: int = 256, **generate_kwargs
+    ) -> str:
+        """Answer `question` about `image` after `history` (greedy unless generate_kwargs say otherwise)."""
+        return "".join(self.stream_chat(image, history, question, max_new_tokens=max_new_tokens, **generate_kwargs))
+
+    def stream_chat(
+        self, image: Image.Image, history: list[Turn], question: str, *, max_new_tokens: int = 256, **generate_kwargs
+    ) -> Iterator[str]:
+        """Yield the answer's text deltas as they are generated."""
+        prompt = self.build_prompt(image, history, question, "chat")
+        prefix = self._prefilled(prompt)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = _StopFlag()
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    result["ids"] = self.model.generate(
+                        **self.cached_forward_inputs(prompt, prompt.input_ids[:, -1:]) | {"input_ids": prompt.input_ids},
+                        past_key_values=prefix.cache,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=generate_kwargs.pop("do_sample", False),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([stop]),
+                        pad_token_id=self._pad_token_id(),
+                        **generate_kwargs,
+                    )
+            except BaseException as error:  # surfaced in the caller's thread below
+                result["error"] = error
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        pieces = []
+        try:
+            for piece in streamer:
+                pieces.append(piece)
+                yield piece
+        finally:
+            stop.event.set()
+            thread.join()
+            self._rewind()
+        if "error" in result:
+            raise result["error"]
+        ids = result["ids"][0, prompt.input_ids.shape[1] :].tolist()
+        special = set(self.tokenizer.all_special_ids)
+        while ids and ids[-1] in special:  # the end-of-turn token is not part of the answer
+            ids.pop()
+        self._last_generation = _Generation(prompt.key, "".join(pieces), ids)
+
+    def _pad_token_id(self) -> int | None:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    # ----------------------------------------------------------------- attend
+    def attend(
+        self, image: Image.Image, history: list[Turn], question: str, answer: str, *, template: str = "chat"
+    ) -> AnswerAttention:
+        """Teacher-force `answer` after the prompt and capture its attention over the image.
+
+        template="chat": the chat template (what chat() used); "flmm": F-LMM's training
+        prompt (history and question ignored). One forward pass of T+1 tokens over the
+        cached prompt; the maps equal the eager full-sequence attention rows.
+        """
+        prompt = self.build_prompt(image, history, question, template)
+        ids, spans = self.answer_tokens(prompt, answer)
+        prefix = self._prefilled(prompt)
+        device = prompt.input_ids.device
+        new_ids = torch.cat([prompt.input_ids[:, -1:], torch.tensor([ids], device=device)], dim=1)  # (1, T+1)
+        all_positions = torch.cat([v.positions for v in prompt.views]).to(device)
+        columns, inverse = torch.unique(all_positions, sorted=True, return_inverse=True)
+        try:
+            with torch.inference_mode(), capture_attention(self._attention_modules, columns) as recorder:
+                out = self.model(
+                    **self.cached_forward_inputs(prompt, new_ids),
+                    past_key_values=prefix.cache,
+                    use_cache=True,
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                )
+        finally:
+            self._rewind()
+        rows = stack_rows(recorder)[1:]  # (T, L*H, N): the last prompt token's row is not an answer token
+        maps, start = [], 0
+        for view in prompt.views:
+            n = view.positions.numel()
+            maps.append(rows[:, :, inverse[start : start + n]].reshape(len(ids), -1, *view.grid).contiguous())
+            start += n
+        hidden = torch.stack(out.hidden_states[1:])[:, 0, 1:].float()  # (L, T, D), embedding output excluded
+        return AnswerAttention(
+            answer=answer,
+            token_ids=ids,
+            token_spans=spans,
+            maps=maps,
+            views=[ImageView(v.name, v.grid, v.box) for v in prompt.views],
+            hidden_states=hidden,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            image_size=prompt.image_size,
+        )
+
+    def answer_tokens(self, prompt: Prompt, answer: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `answer` and each token's character span in it.
+
+        Reuses the generated ids when `answer` is what chat() just produced for this
+        prompt, so attend() sees exactly the tokens the model emitted.
+        """
+        if not answer.strip():
+            raise ValueError("the answer is empty: nothing to attend with")
+        last = self._last_generation
+        if last is not None and last.key == prompt.key and last.text == answer:
+            ids = list(last.ids)
+        else:
+            ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+        return ids, token_char_spans(self.tokenizer, ids, answer)
+
+
+def token_char_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[int, int]]:
+    """Character span in `text` of each token, by decoding incrementally.
+
+    Works for any tokenizer (SentencePiece spaces, byte-level BPE). Leading/trailing
+    whitespace is trimmed from a span; a token that adds no visible text (or whose
+    bytes only complete in a later token) gets an empty span at the current position.
+    """
+    spans: list[tuple[int, int]] = []
+    decoded_before = ""
+    cursor = 0
+    for t in range(len(ids)):
+        decoded = tokenizer.decode(ids[: t + 1], skip_special_tokens=True)
+        piece = decoded[len(decoded_before) :] if decoded.startswith(decoded_before) else decoded[len(decoded_before) :]
+        stripped = piece.strip()
+        if "\ufffd" in stripped or not stripped:
+            spans.append((cursor, cursor))
+        else:
+            start = text.find(stripped, cursor)
+            if start < 0:  # the decoded text differs from `text` (normalisation); fall back to length
+                start = min(cursor, len(text))
+            end = min(start + len(stripped), len(text))
+            spans.append((start, end))
+            cursor = end
+        if "\ufffd" not in decoded:
+            decoded_before = decoded
+    return spans
+
+
+def _digest(inputs: dict[str, torch.Tensor]) -> str:
+    """Content hash of the model inputs (ids, pixels...): the key of the prefill cache."""
+    h = hashlib.sha1()
+    for name in sorted(inputs):
+        tensor = inputs[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16 else tensor.numpy().tobytes())
+    return h.hexdigest()

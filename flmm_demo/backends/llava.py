@@ -1,0 +1,112 @@
+"""LLaVA-1.5 (llava-hf/llava-1.5-*-hf): one CLIP grid of image tokens.
+
+The chat path uses the processor as configured (llava-hf: shortest side resized, centre
+crop, so the grid covers the crop). F-LMM's LLaVA head was trained on the image padded
+to a centred square, so template="flmm" pads first and the grid covers that square.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration
+
+from flmm_demo.backends.base import Backend, ViewTokens
+
+FLMM_LLAVA_TEXT = "USER: {image}\n{question} ASSISTANT:"
+
+
+def _size_entry(size: Any, key: str) -> int | None:
+    """Read `key` from a processor size (dict or SizeDict)."""
+    if size is None:
+        return None
+    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, tuple[float, float]]:
+    """Centre `image` on a square canvas (floor on the top/left) like LLaVA's expand2square.
+
+    Returns the square and the position of its top-left pixel in the original image.
+    """
+    w, h = image.size
+    if w == h:
+        return image, (0.0, 0.0)
+    side = max(w, h)
+    left, top = (side - w) // 2, (side - h) // 2
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, (left, top))
+    return canvas, (-float(left), -float(top))
+
+
+def mean_fill(image_processor: Any) -> tuple[int, int, int]:
+    """The processor's mean colour as 0-255 RGB (what LLaVA pads with)."""
+    mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
+    return tuple(int(m * 255) for m in mean)
+
+
+def clip_style_box(image_processor: Any, size: tuple[int, int]) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """Where the processed square lies in an input image of `size`, for CLIP-style processors.
+
+    Follows the processor's own steps: optional pad-to-square (do_pad), resize
+    (shortest_edge keeping aspect with int() on the long side, or height/width),
+    optional centre crop (crop_top = int((H - h) / 2)).
+    Returns (box (x0, y0, x1, y1) in input pixels, processed (width, height)).
+    """
+    w, h = size
+    ox = oy = 0.0  # top-left of the (maybe padded) canvas in input pixels
+    if getattr(image_processor, "do_pad", False) and w != h:
+        side = max(w, h)
+        ox, oy = -float((side - w) // 2), -float((side - h) // 2)
+        w = h = side
+    rw, rh = w, h
+    if getattr(image_processor, "do_resize", True):
+        shortest = _size_entry(image_processor.size, "shortest_edge")
+        if shortest:
+            if w <= h:
+                rw, rh = shortest, int(shortest * h / w)
+            else:
+                rw, rh = int(shortest * w / h), shortest
+        else:
+            rw, rh = _size_entry(image_processor.size, "width"), _size_entry(image_processor.size, "height")
+    cx0, cy0, cw, ch = 0, 0, rw, rh
+    if getattr(image_processor, "do_center_crop", False):
+        cw, ch = _size_entry(image_processor.crop_size, "width"), _size_entry(image_processor.crop_size, "height")
+        if cw > rw or ch > rh:
+            raise ValueError("centre crop larger than the resized image is not supported; use a crop_size <= size")
+        cx0, cy0 = int((rw - cw) / 2.0), int((rh - ch) / 2.0)
+    sx, sy = rw / w, rh / h
+    box = (ox + cx0 / sx, oy + cy0 / sy, ox + (cx0 + cw) / sx, oy + (cy0 + ch) / sy)
+    return box, (cw, ch)
+
+
+def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """(N,) sequence positions of the image placeholder tokens of a single prompt (1, S)."""
+    return (input_ids[0] == image_token_id).nonzero().flatten()
+
+
+class LlavaBackend(Backend):
+    """LLaVA-1.5: CLIP ViT grid (CLS dropped), projector, Llama/Vicuna decoder."""
+
+    family = "llava"
+    model_class = LlavaForConditionalGeneration
+
+    def flmm_text(self) -> str:
+        return FLMM_LLAVA_TEXT.format(image=self.processor.image_token, question=self.grounding_prompt)
+
+    def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float]]:
+        if template == "flmm":
+            return pad_to_square(image, mean_fill(self.processor.image_processor))
+        return image, (0.0, 0.0)
+
+    def image_views(self, inputs: dict[str, torch.Tensor], input_size: tuple[int, int]) -> list[ViewTokens]:
+        config = self.model.config
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError("only vision_feature_select_strategy='default' (CLS dropped) is supported")
+        box, (pw, ph) = clip_style_box(self.processor.image_processor, input_size)
+        patch = config.vision_config.patch_size
+        grid = (ph // patch, pw // patch)
+        positions = image_positions(inputs["input_ids"], self.image_token_id)
+        if positions.numel() != grid[0] * grid[1]:
+            raise ValueError(f"expected {grid[0] * grid[1]} image tokens for a {grid} grid, found {positions.numel()}")
+        return [ViewTokens("image", grid, box, positions)]

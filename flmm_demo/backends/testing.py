@@ -1,0 +1,189 @@
+"""Tiny random LMMs and offline processors, for tests and benchmarks (no downloads).
+
+Each builder returns (model, processor) for one family, built from configs with a
+few-hundred-token BPE tokenizer trained on the spot (SentencePiece-style spaces, BOS
+prepended), so chat templates, offsets and decoding behave like the real ones.
+
+    model, processor = tiny_llava()
+    backend = LlavaBackend(model, processor)
+
+Other families (qwen2_vl, idefics3) can reuse `tiny_tokenizer`.
+"""
+from __future__ import annotations
+
+import string
+from functools import lru_cache
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    DeepseekVLConfig,
+    DeepseekVLForConditionalGeneration,
+    DeepseekVLImageProcessor,
+    DeepseekVLProcessor,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessor,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
+
+_CORPUS = [
+    "a cat sits on the red mat near a dog and a small bird",
+    "the quick brown fox jumps over the lazy dog in the green park",
+    "what is in the picture? there is a man riding a horse on the beach.",
+    "USER: ASSISTANT: User: Assistant: [INST] [/INST] Please give me a description of the image.",
+    "Describe the image. Where is the cat? The cat is in the top left corner of the image.",
+]
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{{ ' [/INST]' }}"
+    "{% else %}{% for c in message['content'] if c['type'] == 'text' %}{{ ' ' + c['text'] + '</s>' }}{% endfor %}"
+    "{% endif %}{% endfor %}"
+)
+DEEPSEEK_CHAT_TEMPLATE = (
+    "{{ 'You are a helpful assistant.\n\n' }}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'User: ' }}"
+    "{% for c in message['content'] if c['type'] == 'image' %}{{ '<image_placeholder>' }}{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %}{{ '\n\n' }}"
+    "{% else %}{{ 'Assistant:' }}{% for c in message['content'] if c['type'] == 'text' %}{{ ' ' + c['text'] }}"
+    "{% endfor %}{{ '</s>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=4)
+def _trained_bpe(image_token: str, vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", image_token],
+        initial_alphabet=list(string.printable),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return tok.to_str()
+
+
+def tiny_tokenizer(image_token: str = "<image>", vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A small Llama-like fast tokenizer: BOS added, `image_token` special, offsets available."""
+    tok = Tokenizer.from_str(_trained_bpe(image_token, vocab_size))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": image_token},
+    )
+
+
+def _llama(vocab: int, *, layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+    )
+
+
+def _clip(image_size: int, patch: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=patch
+    )
+
+
+def tiny_llava(seed: int = 0, image_size: int = 48, patch: int = 8) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """LLaVA-1.5-shaped: CLIP (CLS dropped, (image_size/patch)^2 tokens) + Llama with GQA."""
+    tokenizer = tiny_tokenizer("<image>")
+    config = LlavaConfig(
+        vision_config=_clip(image_size, patch),
+        text_config=LlamaConfig(**_llama(len(tokenizer))),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = LlavaImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, do_pad=False
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def tiny_llava_next(seed: int = 0, tile: int = 32, patch: int = 8) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """LLaVA-NeXT-shaped: anyres tiles of `tile` px ((tile/patch)^2 tokens each) + Mistral with GQA."""
+    tokenizer = tiny_tokenizer("<image>")
+    pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [3 * tile, tile], [tile, 3 * tile]]
+    config = LlavaNextConfig(
+        vision_config=_clip(tile, patch),
+        text_config=MistralConfig(**_llama(len(tokenizer)), sliding_window=None),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def tiny_deepseek_vl(seed: int = 0, image_size: int = 32, patch: int = 8) -> tuple[DeepseekVLForConditionalGeneration, DeepseekVLProcessor]:
+    """DeepSeek-VL-shaped: SigLIP grid ((image_size/patch)^2 tokens) + Llama (MHA, like the 1.3B)."""
+    tokenizer = tiny_tokenizer("<image_placeholder>")
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=patch
+    )
+    config = DeepseekVLConfig(
+        vision_config=vision,
+        text_config=LlamaConfig(**_llama(len(tokenizer), kv_heads=4)),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"),
+    )
+    torch.manual_seed(seed)
+    model = DeepseekVLForConditionalGeneration(config).eval()
+    image_processor = DeepseekVLImageProcessor(size={"height": image_size, "width": image_size})
+    processor = DeepseekVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch) ** 2,
+        chat_template=DEEPSEEK_CHAT_TEMPLATE,
+    )
+    return model, processor

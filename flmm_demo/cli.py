@@ -1,0 +1,113 @@
+"""Command line: `python -m flmm_demo {doctor,ground,train,eval}`.
+
+    python -m flmm_demo doctor
+    python -m flmm_demo ground photo.jpg more/*.png --question "What is in the image?" --out results/
+    python -m flmm_demo ground scene.png --expression "the red circle" --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "phrase"
+
+
+def ground_images(args: argparse.Namespace) -> int:
+    """Ground each image; a bad file is reported and skipped, the rest go on."""
+    from .grounder import Grounder
+    from .images import ImageError
+    from .render import export_coco_json, hex_colors, mask_to_rle, overlay, palette
+
+    grounder = Grounder.from_preset(args.model)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in tqdm(args.images, desc="grounding", unit="image", disable=len(args.images) < 2):
+        stem = Path(path).stem
+        try:
+            session = grounder.new_session(path)
+            if args.expression:
+                answer = args.expression
+                grounded = [session.ground_expression(args.expression, mode=args.mode, refine=not args.no_refine)]
+            else:
+                answer = session.chat(args.question, max_new_tokens=args.max_new_tokens)
+                grounded = session.ground(mode=args.mode, refine=not args.no_refine)
+        except (ImageError, ValueError) as error:
+            failures += 1
+            tqdm.write(f"skipped {path}: {error}", file=sys.stderr)
+            continue
+        image_dir = out_dir / stem
+        image_dir.mkdir(parents=True, exist_ok=True)
+        colors = palette(len(grounded))
+        record = {
+            "image": str(path),
+            "size": list(session.image.size),
+            "question": args.question,
+            "expression": args.expression,
+            "answer": answer,
+            "phrases": [],
+        }
+        for i, (g, color) in enumerate(zip(grounded, hex_colors(len(grounded)))):
+            mask_file = f"mask_{i:02d}_{_slug(g.phrase.text)}.png"
+            from PIL import Image
+
+            Image.fromarray(g.mask.astype("uint8") * 255).save(image_dir / mask_file)
+            record["phrases"].append({
+                "text": g.phrase.text,
+                "char_span": list(g.phrase.char_span),
+                "token_span": list(g.phrase.token_span),
+                "box": list(g.box) if g.box else None,
+                "score": round(g.score, 4),
+                "color": color,
+                "mask_png": mask_file,
+                "rle": mask_to_rle(g.mask),
+            })
+        overlay(session.image, [g.mask for g in grounded], colors).save(image_dir / "overlay.png")
+        export_coco_json(session.image, grounded, image_dir / "coco.json")
+        (image_dir / "result.json").write_text(json.dumps(record, indent=2))
+        tqdm.write(f"{path}: {len(grounded)} phrase(s) -> {image_dir}")
+    done = len(args.images) - failures
+    print(f"grounded {done} of {len(args.images)} image(s); results in {out_dir}")
+    return 0 if done else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flmm_demo", description="F-LMM grounding demo tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("doctor", help="list model presets and which weights are present")
+
+    ground = sub.add_parser("ground", help="answer about images and ground the answer's phrases")
+    ground.add_argument("images", nargs="+", help="image files")
+    what = ground.add_mutually_exclusive_group(required=True)
+    what.add_argument("--question", help="ask this and ground every noun phrase of the answer")
+    what.add_argument("--expression", help="ground this referring expression (teacher-forced)")
+    ground.add_argument("--out", required=True, help="output folder (one subfolder per image)")
+    ground.add_argument("--model", default=None, help="preset name or model folder (default: $FLMM_PRESET or demo-shapes)")
+    ground.add_argument("--mode", default="auto", choices=["auto", "head", "training_free"])
+    ground.add_argument("--no-refine", action="store_true", help="skip the SAM refiner")
+    ground.add_argument("--max-new-tokens", type=int, default=128)
+
+    from . import evaluate, train
+
+    train.add_arguments(sub.add_parser("train", help="train an F-LMM head on a frozen LMM"))
+    evaluate.add_arguments(sub.add_parser("eval", help="referring segmentation cIoU / gIoU"))
+
+    args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from .presets import doctor_report
+
+        print(doctor_report())
+        return 0
+    if args.command == "ground":
+        return ground_images(args)
+    if args.command == "train":
+        return train.run(args) or 0
+    return evaluate.run(args) or 0

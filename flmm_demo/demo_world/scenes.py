@@ -1,0 +1,406 @@
+"""Synthetic scenes of coloured shapes, with exact masks and the language about them.
+
+A scene is 2-5 shapes (6-7 in the held-out mode) on a textured background. Everything
+is deterministic given a seed. The same module writes the text the tiny LMM learns
+(descriptions, questions and answers, referring expressions) and a RefCOCO-style
+dataset folder so the grounding code reads it like the real thing.
+
+Canonical order of objects is left to right by the centre of the shape.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35),
+    "yellow": (235, 205, 30),
+    "green": (40, 165, 55),
+    "cyan": (40, 200, 215),
+    "blue": (35, 70, 215),
+    "purple": (150, 50, 185),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+# Diameter of a shape as a fraction of the image's short side, per size class.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.17, 0.21), "medium": (0.27, 0.32), "big": (0.39, 0.45)}
+SIZE_WORD = {"small": "small", "medium": "", "big": "big"}
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DESCRIBE_PROMPTS = (
+    "describe the image.",
+    "please give me a description of the image.",
+    "what is in the image?",
+    "what do you see?",
+)
+MIN_VISIBLE = 0.6  # each shape keeps at least this fraction of its pixels after occlusion
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape. mask: (H, W) bool, the pixels where it is visible (after occlusion).
+
+    cx, cy: centre of the drawn shape in pixels; diameter: its nominal size in pixels;
+    depth: drawing order (0 is at the back).
+    """
+
+    colour: str
+    shape: str
+    size: str
+    cx: float
+    cy: float
+    diameter: float
+    depth: int
+    mask: np.ndarray
+
+    @property
+    def phrase(self) -> str:
+        """'small red circle' (no article)."""
+        return " ".join(w for w in (SIZE_WORD[self.size], self.colour, self.shape) if w)
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of the visible mask, x1/y1 exclusive."""
+        ys, xs = np.nonzero(self.mask)
+        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@dataclass(frozen=True)
+class Scene:
+    """image: (H, W, 3) uint8. objects: left to right by centre."""
+
+    image: np.ndarray
+    objects: tuple[SceneObject, ...]
+    seed: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return self.image.shape[1], self.image.shape[0]
+
+    def pil(self) -> Image.Image:
+        return Image.fromarray(self.image)
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _polygon(shape: str, cx: float, cy: float, d: float, angle: float) -> list[tuple[float, float]]:
+    """Outline of a non-circular shape of diameter d, rotated by angle (radians)."""
+    r = d / 2
+    if shape == "square":
+        s = r * 0.86
+        pts = [(-s, -s), (s, -s), (s, s), (-s, s)]
+    elif shape == "triangle":
+        pts = [(0.0, -r), (r * 0.95, r * 0.72), (-r * 0.95, r * 0.72)]
+    elif shape == "cross":
+        a, w = r, r * 0.36
+        pts = [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    c, s_ = np.cos(angle), np.sin(angle)
+    return [(cx + x * c - y * s_, cy + x * s_ + y * c) for x, y in pts]
+
+
+def _shape_mask(shape: str, cx: float, cy: float, d: float, angle: float, width: int, height: int) -> np.ndarray:
+    """(H, W) bool of the full (unoccluded) shape."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    if shape == "circle":
+        r = d / 2
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, d, angle), fill=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) float32 low-saturation textured background."""
+    base = rng.uniform(70, 200) + rng.uniform(-15, 15, size=3)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    kind = rng.integers(0, 4)
+    if kind == 0:  # gradient
+        ang = rng.uniform(0, 2 * np.pi)
+        tex = (np.cos(ang) * xx + np.sin(ang) * yy) / max(width, height) * rng.uniform(20, 50)
+    elif kind == 1:  # stripes
+        ang, period = rng.uniform(0, np.pi), rng.uniform(8, 30)
+        tex = np.sin((np.cos(ang) * xx + np.sin(ang) * yy) * 2 * np.pi / period) * rng.uniform(6, 16)
+    elif kind == 2:  # checker
+        cell = int(rng.integers(8, 28))
+        tex = (((xx // cell) + (yy // cell)) % 2 * 2 - 1) * rng.uniform(5, 14)
+    else:  # blotches: coarse noise upsampled
+        coarse = rng.normal(0, 1, size=(height // 16 + 2, width // 16 + 2)).astype(np.float32)
+        tex = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR)) * rng.uniform(8, 18)
+    img = base[None, None, :] + tex[..., None]
+    return img + rng.normal(0, rng.uniform(3, 10), size=(height, width, 3))
+
+
+def make_scene(seed: int, min_objects: int = 2, max_objects: int = 5) -> Scene:
+    """One scene, fully determined by seed.
+
+    Shapes are placed at random with overlaps allowed, but each keeps at least
+    MIN_VISIBLE of its area and their centres are apart enough that 'left of' and the
+    left-to-right order are clear.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        short = int(rng.integers(160, 257))
+        long_ = int(min(320, round(short * rng.uniform(1.0, 1.5))))
+        width, height = (long_, short) if rng.random() < 0.5 else (short, long_)
+        n = int(rng.integers(min_objects, max_objects + 1))
+        placed = _place_objects(rng, n, width, height)
+        if placed is not None:
+            break
+    else:
+        raise RuntimeError(f"could not place {min_objects}-{max_objects} shapes for seed {seed}")
+    img = _background(rng, width, height)
+    objects = []
+    for depth, (colour, shape, size, cx, cy, d, angle, mask) in enumerate(placed):
+        rgb = np.array(COLOURS[colour], np.float32) + rng.uniform(-18, 18, size=3)
+        full = _shape_mask(shape, cx, cy, d, angle, width, height)
+        img[full] = rgb + rng.normal(0, 6, size=(int(full.sum()), 3))
+        objects.append(SceneObject(colour, shape, size, cx, cy, d, depth, mask))
+    objects.sort(key=lambda o: o.cx)
+    image = np.clip(img, 0, 255).astype(np.uint8)
+    return Scene(image=image, objects=tuple(objects), seed=seed)
+
+
+def _place_objects(rng: np.random.Generator, n: int, width: int, height: int):
+    """Draw n shapes' parameters and visible masks; None when they do not fit."""
+    short = min(width, height)
+    sizes = list(SIZES)
+    if n >= 6:  # crowded held-out scenes: mostly small and medium shapes
+        sizes = ["small", "small", "medium"]
+    specs = []
+    for _ in range(n):
+        size = sizes[int(rng.integers(0, len(sizes)))]
+        d = rng.uniform(*SIZES[size]) * short
+        specs.append((list(COLOURS)[int(rng.integers(0, len(COLOURS)))], SHAPES[int(rng.integers(0, len(SHAPES)))], size, d))
+    full_masks, params = [], []
+    min_dx = 0.06 * short
+    for colour, shape, size, d in specs:
+        for _ in range(60):
+            cx = rng.uniform(d / 2 + 2, width - d / 2 - 2)
+            cy = rng.uniform(d / 2 + 2, height - d / 2 - 2)
+            if any(abs(cx - p[3]) < min_dx for p in params):
+                continue
+            angle = 0.0 if shape == "circle" else rng.uniform(-0.2, 0.2)
+            m = _shape_mask(shape, cx, cy, d, angle, width, height)
+            trial = full_masks + [m]
+            if _visible_ok(trial):
+                full_masks.append(m)
+                params.append((colour, shape, size, cx, cy, d, angle))
+                break
+        else:
+            return None
+    visible = _visible(full_masks)
+    return [p + (v,) for p, v in zip(params, visible)]
+
+
+def _visible(full_masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Later masks occlude earlier ones."""
+    out, cover = [], np.zeros_like(full_masks[0])
+    for m in reversed(full_masks):
+        out.append(m & ~cover)
+        cover |= m
+    return out[::-1]
+
+
+def _visible_ok(full_masks: list[np.ndarray]) -> bool:
+    return all(v.sum() >= MIN_VISIBLE * m.sum() for v, m in zip(_visible(full_masks), full_masks))
+
+
+def scene_stream(seed: int, n: int, held_out: bool = False) -> Iterator[Scene]:
+    """n scenes of the split named by seed; held_out: crowded scenes of 6-7 shapes."""
+    lo, hi = (6, 7) if held_out else (2, 5)
+    for i in range(n):
+        yield make_scene(seed * 1_000_003 + i, lo, hi)
+
+
+# ----------------------------------------------------------------------------- language
+
+
+def _join(phrases: list[str]) -> str:
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def describe(scene: Scene) -> str:
+    """'a red circle, a small blue square and a green triangle.' (left to right)."""
+    return _join([f"a {o.phrase}" for o in scene.objects]) + "."
+
+
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+def _relation(scene: Scene, rel: str, i: int, anchor: int) -> bool | None:
+    """Whether object i is `rel` the anchor; None when too close to call."""
+    a, b = scene.objects[i], scene.objects[anchor]
+    margin = 0.05 * min(scene.size)
+    delta = {"left of": b.cx - a.cx, "right of": a.cx - b.cx, "above": b.cy - a.cy, "below": a.cy - b.cy}[rel]
+    if abs(delta) < margin:
+        return None
+    return delta > 0
+
+
+def _attribute_candidates(obj: SceneObject) -> list[tuple[str, Callable[[SceneObject], bool]]]:
+    """Expressions naming an object by its own attributes, each with its matcher."""
+    size = SIZE_WORD[obj.size]
+    out = [
+        (f"the {obj.shape}", lambda o, s=obj.shape: o.shape == s),
+        (f"the {obj.colour} {obj.shape}", lambda o, s=obj.shape, c=obj.colour: o.shape == s and o.colour == c),
+    ]
+    if size:
+        out += [
+            (f"the {size} {obj.shape}", lambda o, s=obj.shape, z=obj.size: o.shape == s and o.size == z),
+            (f"the {obj.phrase}", lambda o, s=obj.shape, c=obj.colour, z=obj.size: (o.shape, o.colour, o.size) == (s, c, z)),
+        ]
+    return out
+
+
+def referring_expressions(scene: Scene) -> list[list[str]]:
+    """For each object (left to right), the expressions that name it and nothing else.
+
+    Attribute expressions ('the small red circle') come first, then relational ones
+    ('the triangle left of the blue square') whose anchor is itself unique.
+    """
+    objs = scene.objects
+    unique_simple: list[list[str]] = []
+    for obj in objs:
+        names = [t for t, pred in _attribute_candidates(obj) if sum(pred(o) for o in objs) == 1]
+        unique_simple.append(names)
+    out = []
+    for i, obj in enumerate(objs):
+        names = list(unique_simple[i])
+        for anchor, anchor_names in enumerate(unique_simple):
+            if anchor == i or not anchor_names:
+                continue
+            for rel in RELATIONS:
+                if _relation(scene, rel, i, anchor) is not True:
+                    continue
+                same = [j for j, o in enumerate(objs) if o.shape == obj.shape and j != anchor]
+                verdicts = [_relation(scene, rel, j, anchor) for j in same]
+                if None in verdicts or sum(bool(v) for v in verdicts) != 1:
+                    continue
+                names.append(f"the {obj.shape} {rel} {anchor_names[0]}")
+        out.append(names)
+    return out
+
+
+def questions_and_answers(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Unambiguous questions about the scene with their answers (shuffled)."""
+    objs = scene.objects
+    refs = referring_expressions(scene)
+    qa: list[tuple[str, str]] = []
+    n = len(objs)
+    qa.append(("how many shapes are there?", f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n != 1 else ''}."))
+    for i, obj in enumerate(objs):
+        plain = [r for r in refs[i] if obj.colour not in r.split()]
+        if plain:
+            qa.append((f"what colour is {plain[0]}?", f"{plain[0]} is {obj.colour}."))
+        for rel in RELATIONS:
+            if not refs[i]:
+                break
+            verdicts = [_relation(scene, rel, j, i) for j in range(n) if j != i]
+            if None in verdicts:
+                continue
+            hits = [f"a {objs[j].phrase}" for j in range(n) if j != i and _relation(scene, rel, j, i)]
+            ans = _join(hits) + "." if hits else "nothing."
+            qa.append((f"what is {rel} {refs[i][0]}?", ans))
+    colours = [o.colour for o in objs]
+    for obj in objs:
+        if colours.count(obj.colour) == 1:
+            qa.append((f"what shape is the {obj.colour} one?", f"the {obj.colour} one is a {obj.shape}."))
+    by_size = sorted(objs, key=lambda o: o.diameter, reverse=True)
+    if n >= 2 and by_size[0].diameter >= 1.2 * by_size[1].diameter:
+        qa.append(("which shape is the biggest?", f"the {by_size[0].phrase}."))
+    if n >= 2 and by_size[-1].diameter * 1.2 <= by_size[-2].diameter:
+        qa.append(("which shape is the smallest?", f"the {by_size[-1].phrase}."))
+    colour = list(COLOURS)[int(rng.integers(0, len(COLOURS)))]
+    shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
+    present = [o for o in objs if (o.colour, o.shape) == (colour, shape)]
+    if present:
+        qa.append((f"is there a {colour} {shape}?", f"yes, there is a {present[0].phrase}."))
+    else:
+        qa.append((f"is there a {colour} {shape}?", f"no, there is no {colour} {shape}."))
+    order = rng.permutation(len(qa))
+    return [qa[k] for k in order]
+
+
+def conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3) -> list[tuple[str, str]]:
+    """A chat of 1-max_turns (user, assistant) turns; the description is asked first half the time."""
+    turns: list[tuple[str, str]] = []
+    qa = questions_and_answers(scene, rng)
+    n_turns = int(rng.integers(1, max_turns + 1))
+    if rng.random() < 0.5:
+        turns.append((DESCRIBE_PROMPTS[int(rng.integers(0, len(DESCRIBE_PROMPTS)))], describe(scene)))
+    for q in qa:
+        if len(turns) >= n_turns:
+            break
+        turns.append(q)
+    return turns
+
+
+# ----------------------------------------------------------------------------- refer layout
+
+
+def _tokens(sentence: str) -> list[str]:
+    return sentence.replace(".", " ").replace(",", " ").split()
+
+
+def write_refer_dataset(out_dir: str | Path, n_images: int, seed: int, split: str, held_out: bool = False) -> Path:
+    """Write scenes in the RefCOCO layout under out_dir and return it.
+
+    out_dir/instances.json (COCO: images, annotations with RLE segmentation, bbox,
+    category_id; categories = the shapes), out_dir/refs(unc).p (pickled list of refs as
+    the refer toolkit reads them) and out_dir/images/*.png. Writing a second split into
+    the same folder appends to both files, so train and val can live together.
+    """
+    from pycocotools import mask as mask_utils
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    inst_path, refs_path = out / "instances.json", out / "refs(unc).p"
+    if inst_path.exists():
+        coco = json.loads(inst_path.read_text())
+        refs = pickle.loads(refs_path.read_bytes())
+    else:
+        coco = {"images": [], "annotations": [], "categories": [
+            {"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)]}
+        refs = []
+    next_img = max((im["id"] for im in coco["images"]), default=0) + 1
+    next_ann = max((a["id"] for a in coco["annotations"]), default=0) + 1
+    next_ref = max((r["ref_id"] for r in refs), default=-1) + 1
+    next_sent = max((s["sent_id"] for r in refs for s in r["sentences"]), default=-1) + 1
+    for scene in scene_stream(seed, n_images, held_out):
+        file_name = f"{split}_{next_img:06d}.png"
+        scene.pil().save(out / "images" / file_name)
+        w, h = scene.size
+        coco["images"].append({"id": next_img, "file_name": file_name, "width": w, "height": h})
+        for obj, names in zip(scene.objects, referring_expressions(scene)):
+            rle = mask_utils.encode(np.asfortranarray(obj.mask.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            x0, y0, x1, y1 = obj.box
+            cat = SHAPES.index(obj.shape) + 1
+            coco["annotations"].append({
+                "id": next_ann, "image_id": next_img, "category_id": cat, "segmentation": rle,
+                "area": int(obj.mask.sum()), "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
+            if names:
+                sents = []
+                for name in names:
+                    sents.append({"sent": name, "raw": name, "tokens": _tokens(name), "sent_id": next_sent})
+                    next_sent += 1
+                refs.append({"ref_id": next_ref, "ann_id": next_ann, "image_id": next_img, "split": split,
+                             "sentences": sents, "sent_ids": [s["sent_id"] for s in sents],
+                             "category_id": cat, "file_name": file_name})
+                next_ref += 1
+            next_ann += 1
+        next_img += 1
+    inst_path.write_text(json.dumps(coco))
+    refs_path.write_bytes(pickle.dumps(refs))
+    return out

@@ -1,0 +1,326 @@
+"""The Grounder: chat with an image through a frozen LMM and ground what it says.
+
+Like segment-anything's SamPredictor, the expensive per-image work is done once: a
+`Session` holds one image (and its SAM embedding, computed in the background), its
+conversation, and answers every later question, grounding and crop cheaply. The model
+weights live in the `Grounder` and are shared by all sessions.
+
+    grounder = Grounder.from_preset("demo-shapes")
+    session = grounder.new_session("scene.png")
+    answer = session.chat("Describe the image.")
+    for g in session.ground():            # every noun phrase of the last answer
+        print(g.phrase.text, g.box, g.score)
+
+The whole flow of one grounding is `Session.ground`: attention of the answer (backend)
+-> noun phrases (spaCy) -> one mask per phrase (F-LMM head or training-free).
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .backends import Backend, load_backend
+from .geometry import views_to_image
+from .images import fit_for_model, load_image
+from .phrases import extract_phrases, phrases_from_spans
+from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
+
+MAX_QUESTION_CHARS = 2000
+MODES = ("auto", "head", "training_free")
+
+VCOT_HINT = "First think which object in this image is most relevant to the question."
+VCOT_LEAD = "The object most relevant to the question is"
+VCOT_REGION = "Here is the image region that might help you answer the question."
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the loaded model is and can do (shown in the UI and by `doctor`)."""
+
+    name: str
+    family: str
+    description: str
+    is_demo: bool
+    has_head: bool
+    has_sam: bool
+
+    @property
+    def modes(self) -> list[str]:
+        return ["head", "training_free"] if self.has_head else ["training_free"]
+
+
+@dataclass(frozen=True)
+class VisualCoT:
+    """Visual chain of thought: the object the model found relevant, the crop, both answers."""
+
+    first_answer: str
+    object: GroundedPhrase | None
+    crop_box: tuple[int, int, int, int]
+    crop: Image.Image
+    answer: str
+
+
+def check_question(question: str) -> str:
+    """The question, stripped; a ValueError a user can act on when it is unusable."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("The question is empty: type a question about the image.")
+    question = question.strip()
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ValueError(
+            f"The question is {len(question):,} characters long; the limit is {MAX_QUESTION_CHARS:,}. "
+            "Shorten it and ask again."
+        )
+    return question
+
+
+class Grounder:
+    """A frozen LMM plus what grounds its words: an F-LMM head, SAM, or neither.
+
+    backend: the frozen LMM. head: a trained F-LMM head for this LMM (or None).
+    sam: a SAM image-encoder cache used by the refiner and the training-free path (or None).
+    """
+
+    def __init__(self, backend: Backend, head: Any = None, sam: Any = None, *, info: ModelInfo | None = None):
+        self.backend = backend
+        self.head = head
+        self.sam = sam
+        self.info = info or ModelInfo(
+            name=backend.family, family=backend.family, description="", is_demo=False,
+            has_head=head is not None, has_sam=sam is not None,
+        )
+        if head is not None:
+            head.check_compatible(backend)
+        # One model, many sessions: model calls are serialised.
+        self.lock = threading.RLock()
+        self._session: Session | None = None
+
+    @classmethod
+    def from_preset(cls, name: str | None = None, *, device: str = "cpu") -> "Grounder":
+        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo."""
+        from .heads import load_head, load_sam
+        from .presets import resolve_preset
+
+        resolved = resolve_preset(name)
+        backend = load_backend(str(resolved.model_path), device=device)
+        head = load_head(resolved.head_path, backend) if resolved.head_path else None
+        sam = load_sam(resolved.sam_path, device=device) if resolved.sam_path else None
+        info = ModelInfo(
+            name=resolved.name, family=backend.family, description=resolved.description,
+            is_demo=resolved.is_demo, has_head=head is not None, has_sam=sam is not None,
+        )
+        return cls(backend, head, sam, info=info)
+
+    # ----------------------------------------------------- SamPredictor-like use
+    def new_session(self, image: str | Path | bytes | Image.Image | np.ndarray) -> "Session":
+        """Validate and set an image; starts its SAM embedding in the background."""
+        return Session(self, image)
+
+    def set_image(self, image: str | Path | bytes | Image.Image | np.ndarray) -> "Session":
+        """Start a default session on `image`; chat/ground below then use it."""
+        self._session = self.new_session(image)
+        return self._session
+
+    def _current(self) -> "Session":
+        if self._session is None:
+            raise RuntimeError("No image is set: call set_image(image) first.")
+        return self._session
+
+    def chat(self, question: str, **kw: Any) -> str:
+        return self._current().chat(question, **kw)
+
+    def ground(self, answer: str | None = None, **kw: Any) -> list[GroundedPhrase]:
+        return self._current().ground(answer, **kw)
+
+    def ground_expression(self, expression: str, **kw: Any) -> GroundedPhrase:
+        return self._current().ground_expression(expression, **kw)
+
+    def visual_cot(self, question: str, **kw: Any) -> VisualCoT:
+        return self._current().visual_cot(question, **kw)
+
+    # ----------------------------------------------------------- the grounding
+    def segment(
+        self, attention: AnswerAttention, phrases: Sequence[Phrase], *, mode: str = "auto",
+        refine: bool = True, sam_embedding: Any = None,
+    ) -> list[GroundedPhrase]:
+        """One mask per phrase, at the size of the image the backend saw.
+
+        mode: "head" (F-LMM U-Net, then the SAM refiner when `refine` and SAM is there),
+        "training_free" (attention heat map -> SAM prompts, or a threshold without SAM),
+        "auto" (the head when there is one).
+        """
+        from .heads.training_free import attention_heatmap, heatmap_to_mask
+
+        if mode not in MODES:
+            raise ValueError(f"unknown grounding mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "head" and self.head is None:
+            raise ValueError(f"{self.info.name} has no trained F-LMM head: use mode='training_free'.")
+        use_head = self.head is not None and mode != "training_free"
+        width, height = attention.image_size
+        results = []
+        for phrase in phrases:
+            maps = attention.phrase_maps(phrase.token_span)  # per view (L*H, rows, cols)
+            heat_views = [attention_heatmap(m, num_heads=attention.num_heads) for m in maps]
+            heat = views_to_image([h[None] for h in heat_views], attention.views, (width, height))[0]
+            heat = heat / heat.max().clamp(min=1e-12)
+            if use_head:
+                logits = self.head.predict(
+                    maps, attention.phrase_hidden(phrase.token_span), attention.views, (width, height),
+                    sam_embedding=sam_embedding if refine else None,
+                )
+                mask = (logits > 0).numpy()
+                score = float(torch.sigmoid(logits[logits > 0]).mean()) if mask.any() else 0.0
+            else:
+                mask, score = heatmap_to_mask(heat.numpy(), sam=self.sam if refine else None,
+                                              sam_embedding=sam_embedding if refine else None)
+            results.append(GroundedPhrase(phrase, mask, mask_box(mask), score, heat.numpy().astype(np.float32)))
+        return results
+
+
+class Session:
+    """One image and its conversation. Create with `Grounder.new_session(image)`."""
+
+    def __init__(self, grounder: Grounder, image: str | Path | bytes | Image.Image | np.ndarray):
+        self.grounder = grounder
+        self.image = load_image(image)  # full size, RGB, EXIF applied
+        self.model_image, _ = fit_for_model(self.image)
+        self.history: list[Turn] = []
+        self._sam_job = grounder.sam.start(self.model_image) if grounder.sam is not None else None
+
+    # ------------------------------------------------------------------- chat
+    def stream_chat(self, question: str, *, max_new_tokens: int = 256) -> Iterator[str]:
+        """Yield the answer's text deltas; the finished turn is added to `history`."""
+        question = check_question(question)
+        pieces: list[str] = []
+        with self.grounder.lock:
+            for delta in self.grounder.backend.stream_chat(
+                self.model_image, self.history, question, max_new_tokens=max_new_tokens
+            ):
+                pieces.append(delta)
+                yield delta
+        self.history.append(Turn(question, "".join(pieces).strip()))
+
+    def chat(self, question: str, *, max_new_tokens: int = 256) -> str:
+        """Answer a question about the image (multi-turn: earlier turns are in the prompt)."""
+        for _ in self.stream_chat(question, max_new_tokens=max_new_tokens):
+            pass
+        return self.history[-1].assistant
+
+    def clear(self) -> None:
+        self.history.clear()
+
+    def sam_status(self) -> str:
+        if self._sam_job is None:
+            return "off"
+        return "ready" if self._sam_job.done() else "encoding"
+
+    def _sam_embedding(self, refine: bool) -> Any:
+        return self._sam_job.result() if (refine and self._sam_job is not None) else None
+
+    # -------------------------------------------------------------- grounding
+    def ground(
+        self, answer: str | None = None, *, spans: Sequence[tuple[int, int]] | None = None,
+        mode: str = "auto", refine: bool = True,
+    ) -> list[GroundedPhrase]:
+        """Ground the noun phrases (or the given character spans) of an answer.
+
+        answer=None grounds the last answer of the conversation, with the attention the
+        model paid while answering it (same prompt, same history).
+        """
+        if answer is None:
+            if not self.history:
+                raise ValueError("There is no answer to ground yet: ask a question first.")
+            turn, history = self.history[-1], self.history[:-1]
+            answer, question = turn.assistant, turn.user
+        else:
+            question, history = (self.history[-1].user, self.history[:-1]) if self.history else ("", [])
+        if not answer.strip():
+            return []
+        with self.grounder.lock:
+            attention = self.grounder.backend.attend(self.model_image, history, question, answer, template="chat")
+            phrases = (phrases_from_spans(answer, list(spans), attention.token_spans) if spans is not None
+                       else extract_phrases(answer, attention.token_spans))
+            grounded = self.grounder.segment(attention, phrases, mode=mode, refine=refine,
+                                             sam_embedding=self._sam_embedding(refine))
+        return [self._full_size(g) for g in grounded]
+
+    def ground_expression(self, expression: str, *, mode: str = "auto", refine: bool = True) -> GroundedPhrase:
+        """Mask of a typed referring expression, teacher-forced as F-LMM evaluates."""
+        expression = check_question(expression)
+        with self.grounder.lock:
+            attention = self.grounder.backend.attend(self.model_image, [], "", expression, template="flmm")
+            phrase = Phrase(expression, (0, len(expression)), (0, len(attention.token_ids)))
+            (grounded,) = self.grounder.segment(attention, [phrase], mode=mode, refine=refine,
+                                                sam_embedding=self._sam_embedding(refine))
+        return self._full_size(grounded)
+
+    def visual_cot(self, question: str, *, max_new_tokens: int = 256, mode: str = "auto",
+                   refine: bool = True) -> VisualCoT:
+        """Ground the object most relevant to the question, crop it, and ask again (flmm.md 8)."""
+        question = check_question(question)
+        backend = self.grounder.backend
+        with self.grounder.lock:
+            first = backend.chat(self.model_image, self.history, question, max_new_tokens=max_new_tokens)
+            probe = f"{question} {VCOT_HINT}"
+            lead = backend.chat(self.model_image, self.history, probe, max_new_tokens=32,
+                                answer_start=VCOT_LEAD).strip()
+            attention = backend.attend(self.model_image, self.history, probe, lead, template="chat")
+            phrases = extract_phrases(lead, attention.token_spans)
+            if phrases:  # ground the generated object words together (mean over their tokens)
+                span = (phrases[0].token_span[0], phrases[-1].token_span[1])
+                obj_phrase = Phrase(lead[phrases[0].char_span[0]:phrases[-1].char_span[1]],
+                                    (phrases[0].char_span[0], phrases[-1].char_span[1]), span)
+                (obj,) = self.grounder.segment(attention, [obj_phrase], mode=mode, refine=refine,
+                                               sam_embedding=self._sam_embedding(refine))
+                obj = self._full_size(obj)
+            else:
+                obj = None
+            box = enlarge_box(obj.box if obj is not None else None, self.image.size)
+            crop = self.image.crop(box)
+            crop_for_model, _ = fit_for_model(crop)
+            second_q = f"{VCOT_REGION} {question}"
+            answer = backend.chat(crop_for_model, self.history, second_q, max_new_tokens=max_new_tokens)
+        return VisualCoT(first, obj, box, crop, answer)
+
+    def _full_size(self, g: GroundedPhrase) -> GroundedPhrase:
+        """Scale a mask from the model image to the full-size image."""
+        if self.model_image.size == self.image.size:
+            return g
+        size = self.image.size
+        mask = np.asarray(Image.fromarray(g.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
+        heat = F.interpolate(torch.from_numpy(g.heatmap)[None, None], size=(size[1], size[0]),
+                             mode="bilinear", align_corners=False)[0, 0].numpy()
+        return GroundedPhrase(g.phrase, mask, mask_box(mask), g.score, heat)
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of a bool mask, x1/y1 exclusive; None when empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def enlarge_box(box: tuple[int, int, int, int] | None, image_size: tuple[int, int],
+                factor: float = 1.5, min_side: int = 16) -> tuple[int, int, int, int]:
+    """The box grown by `factor` (at least `min_side` px a side), kept inside the image.
+
+    No box (nothing grounded) -> the whole image.
+    """
+    width, height = image_size
+    if box is None:
+        return 0, 0, width, height
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    w = min(width, max((x1 - x0) * factor, min_side))
+    h = min(height, max((y1 - y0) * factor, min_side))
+    nx0 = int(round(min(max(cx - w / 2, 0), width - w)))
+    ny0 = int(round(min(max(cy - h / 2, 0), height - h)))
+    return nx0, ny0, int(round(nx0 + w)), int(round(ny0 + h))

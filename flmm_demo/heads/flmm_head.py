@@ -1,0 +1,125 @@
+"""The F-LMM head: U-Net mask decoder plus an optional SAM refiner, with save/load.
+
+    head = FlmmHead(FlmmHeadConfig(num_layers=24, num_heads=16, hidden_size=2048))
+    out = head.predict(phrase_maps, phrase_hidden, view, image_size, sam_embedding)
+    out.mask_logits  # (H, W) at the image size; mask = out.mask_logits > 0
+
+`save_pretrained(dir)` writes config.json + model.safetensors; `from_pretrained(dir)`
+reads them back. Official F-LMM .pth files load with `heads.checkpoint.load_official_flmm`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flmm_demo.heads.refiner import SamRefiner
+from flmm_demo.heads.sam import SamImageEmbedding
+from flmm_demo.heads.unet import UNetMaskDecoder, crop_to_image
+from flmm_demo.types import ImageView
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class FlmmHeadConfig:
+    """What a head must agree on with its LMM.
+
+    num_layers, num_heads: of the LLM's decoder (channels = num_layers * num_heads).
+    hidden_size: the LLM's hidden size (input of the refiner's text projection).
+    sam_variant: 'vit_b' | 'vit_l' | 'vit_h', the SAM image encoder the refiner was trained
+    with (F-LMM used vit_l). sam_checkpoint: path of that original SAM checkpoint, if known.
+    """
+
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+    sam_variant: str = "vit_l"
+    use_refiner: bool = True
+    sam_checkpoint: str | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return self.num_layers * self.num_heads
+
+
+class HeadOutput(NamedTuple):
+    """mask_logits: (H, W) at the image size (SAM-refined when possible); unet_logits: (h, w)
+    U-Net logits on its own grid, cropped to the image area."""
+
+    mask_logits: torch.Tensor
+    unet_logits: torch.Tensor
+
+
+class FlmmHead(nn.Module):
+    """mask_head (U-Net) + sam (SamRefiner, when config.use_refiner)."""
+
+    def __init__(self, config: FlmmHeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.mask_head = UNetMaskDecoder(config.in_channels)
+        self.sam = SamRefiner(config.hidden_size, config.num_layers) if config.use_refiner else None
+
+    @torch.no_grad()
+    def predict(
+        self,
+        phrase_maps: torch.Tensor,
+        phrase_hidden: torch.Tensor | None,
+        view: ImageView,
+        image_size: tuple[int, int],
+        sam_embedding: SamImageEmbedding | None = None,
+    ) -> HeadOutput:
+        """Ground one phrase.
+
+        phrase_maps: (L*H, rows, cols) the phrase's attention on the view's token grid.
+        phrase_hidden: (L, n, D) hidden states of the phrase tokens (needed by the refiner).
+        view: the grid's place in the image; image_size: (W, H) of the original image.
+        sam_embedding: the image's SAM embedding; without it (or without a refiner) the
+        U-Net logits are resized bilinearly to the image size.
+        """
+        if phrase_maps.dim() != 3:
+            raise ValueError(f"expected phrase_maps of shape (layers*heads, rows, cols), got {tuple(phrase_maps.shape)}")
+        param = self.mask_head.conv_seg.weight
+        logits = self.mask_head(phrase_maps[None].to(device=param.device, dtype=param.dtype))[0, 0]
+        unet_logits = crop_to_image(logits, view.box, image_size).float()
+        width, height = image_size
+        if self.sam is not None and sam_embedding is not None and phrase_hidden is not None:
+            if sam_embedding.original_size != (height, width):
+                raise ValueError(
+                    f"the SAM embedding is of a {sam_embedding.original_size[1]}x{sam_embedding.original_size[0]} "
+                    f"image but the phrase belongs to a {width}x{height} one; encode the same image"
+                )
+            mask_logits = self.sam(unet_logits, phrase_hidden, sam_embedding).float()
+        else:
+            mask_logits = F.interpolate(unet_logits[None, None], size=(height, width), mode="bilinear")[0, 0]
+        return HeadOutput(mask_logits, unet_logits)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors (float32) into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        tensors = {name: t.detach().float().contiguous().cpu() for name, t in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> FlmmHead:
+        """Load a head written by save_pretrained."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"{config_path} not found; expected a folder written by FlmmHead.save_pretrained "
+                "(for an official F-LMM .pth use flmm_demo.heads.load_official_flmm)"
+            )
+        config = FlmmHeadConfig(**json.loads(config_path.read_text()))
+        head = cls(config)
+        head.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
+        return head.to(device).eval()

@@ -1,0 +1,176 @@
+"""The SAM image encoder, with its embedding cached per image.
+
+Encoding an image with ViT-L takes about a minute on a CPU and a fraction of a second on
+a GPU; every later prompt on the same image is cheap. `SamImageEncoderCache` computes the
+embedding once per image and can do it in a background thread (`start`) while the LMM is
+still writing its answer; `get` waits for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from segment_anything import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+# Original SAM checkpoints (https://github.com/facebookresearch/segment-anything#model-checkpoints).
+SAM_CHECKPOINT_NAMES = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+}
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class SamImageEmbedding:
+    """An encoded image.
+
+    features: (1, 256, 64, 64) image embedding (the grid is img_size / 16 per side).
+    input_size: (h, w) of the image after resizing its longest side to img_size, before padding.
+    original_size: (H, W) of the original image.
+    img_size: side of the square the encoder sees (1024 for the released SAM models).
+    """
+
+    features: torch.Tensor
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+    img_size: int
+
+
+def load_sam(variant: str, checkpoint: str | Path | None) -> Sam:
+    """Build a full SAM model from segment-anything's registry ('vit_b', 'vit_l' or 'vit_h')."""
+    if variant not in SAM_CHECKPOINT_NAMES:
+        raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_CHECKPOINT_NAMES)}")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint {checkpoint} not found; download {SAM_CHECKPOINT_NAMES[variant]} from "
+            "https://github.com/facebookresearch/segment-anything#model-checkpoints into checkpoints/"
+        )
+    return sam_model_registry[variant](checkpoint=None if checkpoint is None else str(checkpoint))
+
+
+def image_to_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB array of a PIL image or an array (grey or RGBA arrays are converted)."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an (H, W, 3) RGB image, got an array of shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {array.dtype}; convert with (x * 255).astype(np.uint8)")
+    return np.ascontiguousarray(array[..., :3])
+
+
+def image_key(image: Image.Image | np.ndarray) -> str:
+    """A content hash of the image, used as the cache key."""
+    array = image_to_array(image)
+    digest = hashlib.sha1(array.tobytes())
+    digest.update(str(array.shape).encode())
+    return digest.hexdigest()
+
+
+class SamImageEncoderCache:
+    """Encodes images with SAM's image encoder and keeps the last few embeddings.
+
+    Thread-safe: `start` schedules an encoding on one worker thread and returns at once;
+    `get` (or `set_image`) returns the embedding, waiting for a running encoding if needed.
+    """
+
+    def __init__(
+        self,
+        image_encoder: ImageEncoderViT,
+        pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN,
+        pixel_std: tuple[float, float, float] = SAM_PIXEL_STD,
+        max_images: int = 4,
+    ) -> None:
+        self.image_encoder = image_encoder.eval().requires_grad_(False)
+        self.img_size = image_encoder.img_size
+        self.pixel_mean = torch.tensor(pixel_mean).view(3, 1, 1)
+        self.pixel_std = torch.tensor(pixel_std).view(3, 1, 1)
+        self.max_images = max_images
+        self._resize = ResizeLongestSide(self.img_size)
+        self._lock = threading.Lock()
+        self._jobs: OrderedDict[str, Future[SamImageEmbedding]] = OrderedDict()
+        self._last_key: str | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-encoder")
+
+    @classmethod
+    def from_checkpoint(cls, variant: str, checkpoint: str | Path, device: str | torch.device = "cpu") -> SamImageEncoderCache:
+        """Load SAM's image encoder from an original SAM checkpoint (e.g. checkpoints/sam_vit_l_0b3195.pth)."""
+        sam = load_sam(variant, checkpoint)
+        return cls(sam.image_encoder.to(device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.image_encoder.parameters()).device
+
+    def preprocess(self, image: Image.Image | np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """Image -> ((1, 3, img_size, img_size) normalised and zero-padded, input_size, original_size).
+
+        Longest side resized to img_size with segment-anything's own resize, SAM mean/std
+        normalisation, zero padding at the bottom/right.
+        """
+        array = image_to_array(image)
+        resized = self._resize.apply_image(array)
+        x = torch.as_tensor(resized).permute(2, 0, 1).float()
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+        return x[None], (h, w), (array.shape[0], array.shape[1])
+
+    @torch.no_grad()
+    def encode(self, image: Image.Image | np.ndarray) -> SamImageEmbedding:
+        """Encode one image now, without the cache."""
+        x, input_size, original_size = self.preprocess(image)
+        param = next(self.image_encoder.parameters())
+        features = self.image_encoder(x.to(device=param.device, dtype=param.dtype))
+        return SamImageEmbedding(features.float(), input_size, original_size, self.img_size)
+
+    def start(self, image: Image.Image | np.ndarray) -> None:
+        """Begin encoding `image` in the background (no-op if it is cached or running)."""
+        self._submit(image)
+
+    def set_image(self, image: Image.Image | np.ndarray) -> SamImageEmbedding:
+        """Embedding of `image`, computed once and cached."""
+        return self._submit(image).result()
+
+    def get(self, image: Image.Image | np.ndarray | None = None, timeout: float | None = None) -> SamImageEmbedding:
+        """Embedding of `image` (default: the image last passed to start/set_image), waiting if needed."""
+        if image is not None:
+            return self._submit(image).result(timeout)
+        with self._lock:
+            if self._last_key is None:
+                raise RuntimeError("no image was given to the SAM encoder yet; call start(image) or set_image(image)")
+            job = self._jobs[self._last_key]
+        return job.result(timeout)
+
+    def close(self) -> None:
+        """Stop the worker thread (pending encodings finish first)."""
+        self._executor.shutdown(wait=True)
+
+    def _submit(self, image: Image.Image | np.ndarray) -> Future[SamImageEmbedding]:
+        key = image_key(image)
+        with self._lock:
+            self._last_key = key
+            job = self._jobs.get(key)
+            if job is not None and not (job.done() and job.exception() is not None):
+                self._jobs.move_to_end(key)
+                return job
+            job = self._executor.submit(self.encode, image)
+            self._jobs[key] = job
+            while len(self._jobs) > self.max_images:
+                self._jobs.popitem(last=False)
+            return job
