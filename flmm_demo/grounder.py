@@ -29,6 +29,7 @@ from PIL import Image
 
 from .backends import Backend, load_backend
 from .geometry import views_to_image
+from .heads.training_free import mask_box
 from .images import fit_for_model, load_image
 from .phrases import extract_phrases, phrases_from_spans
 from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
@@ -156,7 +157,7 @@ class Grounder:
         "training_free" (attention heat map -> SAM prompts, or a threshold without SAM),
         "auto" (the head when there is one).
         """
-        from .heads.training_free import attention_heatmap, heatmap_to_mask
+        from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
 
         if mode not in MODES:
             raise ValueError(f"unknown grounding mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -164,23 +165,26 @@ class Grounder:
             raise ValueError(f"{self.info.name} has no trained F-LMM head: use mode='training_free'.")
         use_head = self.head is not None and mode != "training_free"
         width, height = attention.image_size
+        # The answer's mean attention is the bias every token shares (sinks, early image tokens).
+        baselines = answer_baseline(attention)
         results = []
         for phrase in phrases:
             maps = attention.phrase_maps(phrase.token_span)  # per view (L*H, rows, cols)
-            heat_views = [attention_heatmap(m, num_heads=attention.num_heads) for m in maps]
+            heat_views = [attention_heatmap(m, baseline=b, num_heads=attention.num_heads)
+                          for m, b in zip(maps, baselines)]
             heat = views_to_image([h[None] for h in heat_views], attention.views, (width, height))[0]
             heat = heat / heat.max().clamp(min=1e-12)
             if use_head:
                 logits = self.head.predict(
                     maps, attention.phrase_hidden(phrase.token_span), attention.views, (width, height),
                     sam_embedding=sam_embedding if refine else None,
-                )
+                ).mask_logits
                 mask = (logits > 0).numpy()
                 score = float(torch.sigmoid(logits[logits > 0]).mean()) if mask.any() else 0.0
             else:
                 mask, score = heatmap_to_mask(heat.numpy(), sam=self.sam if refine else None,
                                               sam_embedding=sam_embedding if refine else None)
-            results.append(GroundedPhrase(phrase, mask, mask_box(mask), score, heat.numpy().astype(np.float32)))
+            results.append(GroundedPhrase(phrase, mask, box_of(mask), score, heat.numpy().astype(np.float32)))
         return results
 
 
@@ -271,7 +275,8 @@ class Session:
             probe = f"{question} {VCOT_HINT}"
             lead = backend.chat(self.model_image, self.history, probe, max_new_tokens=32,
                                 answer_start=VCOT_LEAD).strip()
-            attention = backend.attend(self.model_image, self.history, probe, lead, template="chat")
+            attention = backend.attend(self.model_image, self.history, probe, lead, template="chat",
+                                       answer_start=VCOT_LEAD)
             phrases = extract_phrases(lead, attention.token_spans)
             if phrases:  # ground the generated object words together (mean over their tokens)
                 span = (phrases[0].token_span[0], phrases[-1].token_span[1])
@@ -297,15 +302,13 @@ class Session:
         mask = np.asarray(Image.fromarray(g.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
         heat = F.interpolate(torch.from_numpy(g.heatmap)[None, None], size=(size[1], size[0]),
                              mode="bilinear", align_corners=False)[0, 0].numpy()
-        return GroundedPhrase(g.phrase, mask, mask_box(mask), g.score, heat)
+        return GroundedPhrase(g.phrase, mask, box_of(mask), g.score, heat)
 
 
-def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of a bool mask, x1/y1 exclusive; None when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of a bool mask, x1/y1 exclusive; None when it is empty."""
+    box = mask_box(mask)
+    return None if box is None else tuple(int(v) for v in box)
 
 
 def enlarge_box(box: tuple[int, int, int, int] | None, image_size: tuple[int, int],

@@ -44,6 +44,8 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         if not data:
             raise ImageError("the image data is empty (0 bytes); upload the file again")
         return _decode(io.BytesIO(data), "the uploaded data", max_pixels)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise ImageError(f"{source} is a web address; images are not downloaded, save it and give the file")
     if isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         if not path.exists():
@@ -51,7 +53,9 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         if not path.is_file():
             raise ImageError(f"{path} is not a file; give the path of an image file")
         if path.stat().st_size == 0:
-            raise ImageError(f"image file {path} is empty (0 bytes); it may not have been saved or copied completely")
+            raise ImageError(
+                f"image file {path} is empty (0 bytes); it may not have been saved or copied completely"
+            )
         return _decode(path, str(path), max_pixels)
     raise ImageError(
         f"cannot load an image from a {type(source).__name__}; "

@@ -38,6 +38,8 @@ _IMAGE_WORDS = frozenset(
     "image images picture pictures photo photos photograph photographs pic pics snapshot "
     "screenshot scene".split()
 )
+# A bare direction ("on the left", "at the top") is a place, not an object.
+_POSITIONS = frozenset("left right top bottom middle center centre front side".split())
 # Fine-grained tags removed from the start of a chunk: determiners, predeterminers
 # ("all the dogs"), possessive pronouns and possessive wh-words.
 _LEADING_TAGS = frozenset({"DT", "PDT", "PRP$", "WDT", "WP$"})
@@ -102,9 +104,10 @@ def _trimmed(chunk: Span) -> Span | None:
     return doc[lo:hi] if lo < hi else None
 
 
-def _worth_grounding(chunk: Span) -> bool:
-    root = chunk.root
-    if root.pos_ == "PRON" or chunk.text.lower() in _PRONOUNS:
+def _worth_grounding(span: Span) -> bool:
+    root = span.root
+    text = span.text.lower()
+    if root.pos_ == "PRON" or text in _PRONOUNS or text in _POSITIONS:
         return False
     return root.lemma_.lower() not in _IMAGE_WORDS and root.lower_ not in _IMAGE_WORDS
 
@@ -118,7 +121,7 @@ def extract_phrases(answer: str, token_spans: list[tuple[int, int]]) -> list[Phr
 
     Rules: spaCy noun chunks; pronouns and wh-words ("it", "they", "what", "which") are
     dropped, as are chunks whose head noun means the image itself ("the image", "this
-    picture", "the photo"); leading determiners/possessives are stripped and the returned
+    picture", "the photo") and bare directions ("the left", "the top"); leading determiners/possessives are stripped and the returned
     char_span matches the returned text exactly; a chunk inside another kept chunk is
     dropped; a phrase repeated later in the answer is kept only at its first occurrence
     (compared in lower case, so "The cat" and "the cat" are one phrase); a phrase that no
@@ -130,10 +133,8 @@ def extract_phrases(answer: str, token_spans: list[tuple[int, int]]) -> list[Phr
     seen: set[str] = set()
     last_end = 0
     for chunk in load_spacy()(answer).noun_chunks:
-        if not _worth_grounding(chunk):
-            continue
         span = _trimmed(chunk)
-        if span is None:
+        if span is None or not _worth_grounding(span):
             continue
         start, end = span.start_char, span.end_char
         key = span.text.lower()

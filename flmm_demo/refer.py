@@ -33,6 +33,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,9 @@ def decode_mask(source: MaskSource, size: tuple[int, int]) -> np.ndarray:
         rle = {"size": source["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
     else:
         raise ValueError(f"cannot decode a mask from {type(source).__name__}: expected polygons, RLE or a PNG path")
-    return coco_mask.decode(rle).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' own NumPy 2 deprecation notice, not ours to fix
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return coco_mask.decode(rle).astype(bool)
 
 
 class ReferDataset:
@@ -275,6 +278,9 @@ def _open_png_layout(data: Path, split: str, images: str | Path | None) -> Refer
         path = folder / record["image"]
         with Image.open(path) as im:  # reads the header only
             size = im.size
+        for obj in record["objects"]:
+            if not obj.get("expressions"):
+                raise ValueError(f"{data}: object {obj.get('mask')} of {record['image']} has no expressions; give at least one")
         objects = tuple(
             ReferObject(
                 ref_id=f"{record['image']}#{k}",

@@ -25,6 +25,13 @@ and implement the two hooks that know the family's prompt and image layout:
         positions of its tokens, row-major. Columns that are not image patches (e.g.
         LLaVA-NeXT's image_newline) are simply not listed.
 
+chat/stream_chat/attend also take answer_start: forced text after the assistant
+prefix (visual chain of thought), part of the prompt, never of the answer. A backend
+serves one call at a time (it owns one KV cache); callers serialise access.
+
+Forward passes run under torch.no_grad (not inference_mode), so attend()'s tensors can
+feed a head that is being trained.
+
 Optional hooks, with defaults that suit Llama-style models:
 
     chat_text(history, question) -> str   # default: processor.apply_chat_template
@@ -111,6 +118,8 @@ class _Prefix:
 
 @dataclass
 class _Generation:
+    """The last chat answer: its prompt key, text and token ids (end token dropped)."""
+
     key: str
     text: str
     ids: list[int]
@@ -156,7 +165,7 @@ class Backend:
         """Load model and processor from a local folder or a (cached) Hugging Face id."""
         if cls.model_class is None:
             raise TypeError(f"{cls.__name__} sets no model_class; use a family class or load_backend()")
-        model = cls.model_class.from_pretrained(path_or_id, dtype=dtype).to(device)
+        model = cls.model_class.from_pretrained(path_or_id, dtype=dtype, device_map=device)
         processor = AutoProcessor.from_pretrained(path_or_id)
         return cls(model, processor)
 
@@ -210,14 +219,21 @@ class Backend:
         return {"input_ids": new_ids, "attention_mask": torch.ones(1, total, dtype=torch.long, device=new_ids.device)}
 
     # ----------------------------------------------------------------- prompts
-    def build_prompt(self, image: Image.Image, history: list[Turn], question: str, template: str = "chat") -> Prompt:
-        """Tokenize the prompt (chat template or F-LMM's) with the image."""
+    def build_prompt(
+        self, image: Image.Image, history: list[Turn], question: str, template: str = "chat", answer_start: str = ""
+    ) -> Prompt:
+        """Tokenize the prompt (chat template or F-LMM's) with the image.
+
+        answer_start: text put after the assistant prefix, for the model to continue
+        (visual chain of thought, flmm.md section 8).
+        """
         if template == "chat":
             text = self.chat_text(history, question)
         elif template == "flmm":
             text = self.flmm_text()
         else:
             raise ValueError(f"template must be 'chat' or 'flmm', got {template!r}")
+        text += answer_start
         image = image.convert("RGB")
         processed, (ox, oy) = self.prepare_image(image, template)
         inputs = self.processor(images=processed, text=text, return_tensors="pt", **self.processor_kwargs(template))
@@ -226,13 +242,12 @@ class Backend:
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         dtype = self.model.dtype
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        if not bool((inputs["input_ids"] == self.image_token_id).any()):
+            raise ValueError("the prompt holds no image tokens; does the chat template put the image placeholder in?")
         views = [
             ViewTokens(v.name, v.grid, (v.box[0] + ox, v.box[1] + oy, v.box[2] + ox, v.box[3] + oy), v.positions)
             for v in self.image_views(inputs, processed.size)
         ]
-        n_image = int((inputs["input_ids"] == self.image_token_id).sum())
-        if n_image == 0:
-            raise ValueError("the prompt holds no image tokens; does the chat template put the image placeholder in?")
         return Prompt(inputs, views, image.size, _digest(inputs))
 
     # -------------------------------------------------------------- prefill
@@ -241,7 +256,7 @@ class Backend:
         if self._prefix is not None and self._prefix.key == prompt.key:
             return self._prefix
         self._prefix = None  # free the old cache before building the new one
-        with torch.inference_mode():
+        with torch.no_grad():
             out = self.model(**self.prefill_inputs(prompt), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
         croppable = all(type(layer) is DynamicLayer for layer in cache.layers)
@@ -259,29 +274,50 @@ class Backend:
 
     # ------------------------------------------------------------------- chat
     def chat(
-        self, image: Image.Image, history: list[Turn], question: str, *, max_new_tokens: int = 256, **generate_kwargs
+        self,
+        image: Image.Image,
+        history: list[Turn],
+        question: str,
+        *,
+        max_new_tokens: int = 256,
+        answer_start: str = "",
+        **generate_kwargs: Any,
     ) -> str:
-        """Answer `question` about `image` after `history` (greedy unless generate_kwargs say otherwise)."""
-        return "".join(self.stream_chat(image, history, question, max_new_tokens=max_new_tokens, **generate_kwargs))
+        """Answer `question` about `image` after `history` (greedy unless generate_kwargs say otherwise).
+
+        answer_start: the answer's forced beginning; only the continuation is returned.
+        generate_kwargs go to transformers' generate (e.g. min_new_tokens, do_sample).
+        """
+        pieces = self.stream_chat(
+            image, history, question, max_new_tokens=max_new_tokens, answer_start=answer_start, **generate_kwargs
+        )
+        return "".join(pieces)
 
     def stream_chat(
-        self, image: Image.Image, history: list[Turn], question: str, *, max_new_tokens: int = 256, **generate_kwargs
+        self,
+        image: Image.Image,
+        history: list[Turn],
+        question: str,
+        *,
+        max_new_tokens: int = 256,
+        answer_start: str = "",
+        **generate_kwargs: Any,
     ) -> Iterator[str]:
-        """Yield the answer's text deltas as they are generated."""
-        prompt = self.build_prompt(image, history, question, "chat")
+        """Yield the answer's text deltas as they are generated (same arguments as chat)."""
+        prompt = self.build_prompt(image, history, question, "chat", answer_start)
         prefix = self._prefilled(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = _StopFlag()
         result: dict[str, Any] = {}
+        generate_kwargs.setdefault("do_sample", False)
 
         def run() -> None:
             try:
-                with torch.inference_mode():
+                with torch.no_grad():
                     result["ids"] = self.model.generate(
                         **self.cached_forward_inputs(prompt, prompt.input_ids[:, -1:]) | {"input_ids": prompt.input_ids},
                         past_key_values=prefix.cache,
                         max_new_tokens=max_new_tokens,
-                        do_sample=generate_kwargs.pop("do_sample", False),
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([stop]),
                         pad_token_id=self._pad_token_id(),
@@ -316,15 +352,24 @@ class Backend:
 
     # ----------------------------------------------------------------- attend
     def attend(
-        self, image: Image.Image, history: list[Turn], question: str, answer: str, *, template: str = "chat"
+        self,
+        image: Image.Image,
+        history: list[Turn],
+        question: str,
+        answer: str,
+        *,
+        template: str = "chat",
+        answer_start: str = "",
     ) -> AnswerAttention:
         """Teacher-force `answer` after the prompt and capture its attention over the image.
 
         template="chat": the chat template (what chat() used); "flmm": F-LMM's training
-        prompt (history and question ignored). One forward pass of T+1 tokens over the
-        cached prompt; the maps equal the eager full-sequence attention rows.
+        prompt (history and question ignored). answer_start: forced text between the
+        assistant prefix and `answer` (as given to chat), part of the prompt, not of the
+        answer. One forward pass of T+1 tokens over the cached prompt; the maps equal the
+        eager full-sequence attention rows.
         """
-        prompt = self.build_prompt(image, history, question, template)
+        prompt = self.build_prompt(image, history, question, template, answer_start)
         ids, spans = self.answer_tokens(prompt, answer)
         prefix = self._prefilled(prompt)
         device = prompt.input_ids.device
@@ -332,7 +377,7 @@ class Backend:
         all_positions = torch.cat([v.positions for v in prompt.views]).to(device)
         columns, inverse = torch.unique(all_positions, sorted=True, return_inverse=True)
         try:
-            with torch.inference_mode(), capture_attention(self._attention_modules, columns) as recorder:
+            with torch.no_grad(), capture_attention(self._attention_modules, columns) as recorder:
                 out = self.model(
                     **self.cached_forward_inputs(prompt, new_ids),
                     past_key_values=prefix.cache,
@@ -346,7 +391,13 @@ class Backend:
         maps, start = [], 0
         for view in prompt.views:
             n = view.positions.numel()
-            maps.append(rows[:, :, inverse[start : start + n]].reshape(len(ids), -1, *view.grid).contiguous())
+            index = inverse[start : start + n]
+            first = int(index[0])
+            if torch.equal(index, torch.arange(first, first + n, device=index.device)):
+                view_rows = rows[:, :, first : first + n]  # a view: no copy of the largest tensor we make
+            else:
+                view_rows = rows[:, :, index]
+            maps.append(view_rows.reshape(len(ids), -1, *view.grid))
             start += n
         hidden = torch.stack(out.hidden_states[1:])[:, 0, 1:].float()  # (L, T, D), embedding output excluded
         return AnswerAttention(
@@ -370,7 +421,7 @@ class Backend:
         if not answer.strip():
             raise ValueError("the answer is empty: nothing to attend with")
         last = self._last_generation
-        if last is not None and last.key == prompt.key and last.text == answer:
+        if last is not None and last.key == prompt.key and last.text.strip() == answer.strip():
             ids = list(last.ids)
         else:
             ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
@@ -389,7 +440,7 @@ def token_char_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[in
     cursor = 0
     for t in range(len(ids)):
         decoded = tokenizer.decode(ids[: t + 1], skip_special_tokens=True)
-        piece = decoded[len(decoded_before) :] if decoded.startswith(decoded_before) else decoded[len(decoded_before) :]
+        piece = decoded[len(decoded_before) :]
         stripped = piece.strip()
         if "\ufffd" in stripped or not stripped:
             spans.append((cursor, cursor))

@@ -1,8 +1,9 @@
 """LLaVA-1.5 (llava-hf/llava-1.5-*-hf): one CLIP grid of image tokens.
 
-The chat path uses the processor as configured (llava-hf: shortest side resized, centre
-crop, so the grid covers the crop). F-LMM's LLaVA head was trained on the image padded
-to a centred square, so template="flmm" pads first and the grid covers that square.
+Both templates pad the image to a centred square first, as LLaVA-1.5 itself was trained
+(image_aspect_ratio "pad") and as F-LMM's LLaVA head saw it. Without it llava-hf's
+processor centre-crops, and the parts of the image outside the crop could not be
+grounded at all. The grid then covers the padded square.
 """
 from __future__ import annotations
 
@@ -95,9 +96,7 @@ class LlavaBackend(Backend):
         return FLMM_LLAVA_TEXT.format(image=self.processor.image_token, question=self.grounding_prompt)
 
     def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float]]:
-        if template == "flmm":
-            return pad_to_square(image, mean_fill(self.processor.image_processor))
-        return image, (0.0, 0.0)
+        return pad_to_square(image, mean_fill(self.processor.image_processor))
 
     def image_views(self, inputs: dict[str, torch.Tensor], input_size: tuple[int, int]) -> list[ViewTokens]:
         config = self.model.config

@@ -17,14 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import PreTrainedModel, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from flmm_demo.backends.base import Backend, Prompt, ViewTokens
-
-
-def image_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """(N,) sequence positions of the image placeholder tokens of a single prompt (1, S)."""
-    return (input_ids[0] == image_token_id).nonzero().flatten()
+from flmm_demo.backends.llava import image_positions
 
 
 class Qwen2VLBackend(Backend):
@@ -33,7 +29,7 @@ class Qwen2VLBackend(Backend):
     family = "qwen2_vl"
     model_class = Qwen2VLForConditionalGeneration
 
-    def __init__(self, model: Any, processor: Any, *, grounding_prompt: str | None = None):
+    def __init__(self, model: PreTrainedModel, processor: Any, *, grounding_prompt: str | None = None):
         super().__init__(model, processor, grounding_prompt=grounding_prompt)
         self._mrope: tuple[str, torch.Tensor, torch.Tensor] | None = None  # (prompt key, positions, delta)
 

@@ -133,6 +133,7 @@ def tiny_llava(seed: int = 0, image_size: int = 48, patch: int = 8) -> tuple[Lla
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch,
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
         vision_feature_select_strategy="default",
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
@@ -160,6 +161,7 @@ def tiny_llava_next(seed: int = 0, tile: int = 32, patch: int = 8) -> tuple[Llav
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch,
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
         vision_feature_select_strategy="default",
         chat_template=MISTRAL_CHAT_TEMPLATE,
     )

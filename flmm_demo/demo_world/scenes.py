@@ -333,11 +333,11 @@ def questions_and_answers(scene: Scene, rng: np.random.Generator) -> list[tuple[
 
 
 def conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3) -> list[tuple[str, str]]:
-    """A chat of 1-max_turns (user, assistant) turns; the description is asked first half the time."""
+    """A chat of 1-max_turns (user, assistant) turns; most open with the description."""
     turns: list[tuple[str, str]] = []
     qa = questions_and_answers(scene, rng)
     n_turns = int(rng.integers(1, max_turns + 1))
-    if rng.random() < 0.5:
+    if rng.random() < 0.7:
         turns.append((DESCRIBE_PROMPTS[int(rng.integers(0, len(DESCRIBE_PROMPTS)))], describe(scene)))
     for q in qa:
         if len(turns) >= n_turns:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from flmm_demo.heads.flmm_head import FlmmHead, FlmmHeadConfig
+from flmm_demo.heads.flmm_head import FlmmHead, FlmmHeadConfig, describe_lmm
 
 # Official name -> our name, for the entries that moved into the refiner.
 RENAMES = {
@@ -23,15 +23,6 @@ RENAMES = {
     "text_layer_weights": "sam.text_layer_weights",
 }
 FIRST_CONV = "mask_head.encoder.0.0.convs.0.conv.weight"
-
-# (layers, heads, hidden) of the LLMs F-LMM released heads for, to name them in errors.
-KNOWN_LMMS = {
-    (24, 16, 2048): "DeepSeek-VL-1.3B",
-    (30, 32, 4096): "DeepSeek-VL-7B",
-    (32, 32, 4096): "LLaVA-1.5-7B / LLaVA-NeXT-7B",
-    (18, 8, 2048): "MiniGemini-2B",
-}
-
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of an F-LMM .pth as float32 on the CPU, unwrapped and without 'module.' prefixes."""
@@ -55,14 +46,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             continue
         state[name.removeprefix("module.")] = tensor.float() if tensor.is_floating_point() else tensor
     return state
-
-
-def describe_lmm(channels: int, layers: int, hidden: int) -> str:
-    """E.g. '384 attention channels (24 layers x 16 heads, hidden 2048: DeepSeek-VL-1.3B-like)'."""
-    heads = channels // layers if layers else 0
-    name = KNOWN_LMMS.get((layers, heads, hidden))
-    suffix = f": {name}-like" if name else ""
-    return f"{channels} attention channels ({layers} layers x {heads} heads, hidden {hidden}{suffix})"
 
 
 def check_fits(state: dict[str, torch.Tensor], config: FlmmHeadConfig) -> None:
@@ -108,8 +91,8 @@ def load_official_flmm(
     check_fits(official, config)
     # F-LMM's own state_dict drops the SAM image encoder; ignore it if a file kept it.
     state = {RENAMES.get(k, k): v for k, v in official.items() if ".image_encoder." not in k}
-    head = FlmmHead(config)
-    expected = head.state_dict()
+    with torch.device("meta"):
+        expected = FlmmHead(config).state_dict()
     if not use_refiner:
         state = {k: v for k, v in state.items() if not k.startswith("sam.")}
     missing = sorted(set(expected) - set(state))
@@ -121,5 +104,4 @@ def load_official_flmm(
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
             f"wrong shapes {wrong_shape[:5]}"
         )
-    head.load_state_dict(state, strict=True)
-    return head.eval()
+    return FlmmHead.from_state_dict(config, state).eval()

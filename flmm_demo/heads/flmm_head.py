@@ -10,9 +10,10 @@ reads them back. Official F-LMM .pth files load with `heads.checkpoint.load_offi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,22 @@ from flmm_demo.types import ImageView
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+# (layers, heads, hidden) of the LLMs F-LMM released heads for, to name them in errors.
+KNOWN_LMMS = {
+    (24, 16, 2048): "DeepSeek-VL-1.3B",
+    (30, 32, 4096): "DeepSeek-VL-7B",
+    (32, 32, 4096): "LLaVA-1.5-7B / LLaVA-NeXT-7B",
+    (18, 8, 2048): "MiniGemini-2B",
+}
+
+
+def describe_lmm(channels: int, layers: int, hidden: int) -> str:
+    """E.g. '384 attention channels (24 layers x 16 heads, hidden 2048: DeepSeek-VL-1.3B-like)'."""
+    heads = channels // layers if layers else 0
+    name = KNOWN_LMMS.get((layers, heads, hidden))
+    suffix = f": {name}-like" if name else ""
+    return f"{channels} attention channels ({layers} layers x {heads} heads, hidden {hidden}{suffix})"
 
 
 @dataclass(frozen=True)
@@ -50,9 +67,17 @@ class FlmmHeadConfig:
         return self.num_layers * self.num_heads
 
 
+class LmmShape(Protocol):
+    """What a head needs to know about its LMM (a Backend has these attributes)."""
+
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+
+
 class HeadOutput(NamedTuple):
-    """mask_logits: (H, W) at the image size (SAM-refined when possible); unet_logits: (h, w)
-    U-Net logits on its own grid, cropped to the image area."""
+    """mask_logits: (H, W) float32 on the CPU at the image size (SAM-refined when possible);
+    unet_logits: (h, w) U-Net logits on its own grid, cropped to the image area."""
 
     mask_logits: torch.Tensor
     unet_logits: torch.Tensor
@@ -67,12 +92,23 @@ class FlmmHead(nn.Module):
         self.mask_head = UNetMaskDecoder(config.in_channels)
         self.sam = SamRefiner(config.hidden_size, config.num_layers) if config.use_refiner else None
 
+    def check_compatible(self, lmm: LmmShape) -> None:
+        """Raise ValueError when this head was trained for an LMM of another shape."""
+        config = self.config
+        expected = (config.num_layers, config.num_heads, config.hidden_size)
+        if (lmm.num_layers, lmm.num_heads, lmm.hidden_size) != expected:
+            raise ValueError(
+                f"this head expects {describe_lmm(config.in_channels, config.num_layers, config.hidden_size)} "
+                f"but the model has {lmm.num_layers * lmm.num_heads} ({lmm.num_layers} x {lmm.num_heads}, "
+                f"hidden {lmm.hidden_size}); use the head trained for this LMM"
+            )
+
     @torch.no_grad()
     def predict(
         self,
-        phrase_maps: torch.Tensor,
+        phrase_maps: torch.Tensor | Sequence[torch.Tensor],
         phrase_hidden: torch.Tensor | None,
-        view: ImageView,
+        view: ImageView | Sequence[ImageView],
         image_size: tuple[int, int],
         sam_embedding: SamImageEmbedding | None = None,
     ) -> HeadOutput:
@@ -81,11 +117,17 @@ class FlmmHead(nn.Module):
         phrase_maps: (L*H, rows, cols) the phrase's attention on the view's token grid.
         phrase_hidden: (L, n, D) hidden states of the phrase tokens (needed by the refiner).
         view: the grid's place in the image; image_size: (W, H) of the original image.
+        Lists of maps and views (AnswerAttention.phrase_maps / .views) are accepted: the
+        first view that covers the whole image is used, as F-LMM's heads see one grid.
         sam_embedding: the image's SAM embedding; without it (or without a refiner) the
         U-Net logits are resized bilinearly to the image size.
         """
+        if not isinstance(view, ImageView):
+            phrase_maps, view = pick_full_view(phrase_maps, view, image_size)
         if phrase_maps.dim() != 3:
-            raise ValueError(f"expected phrase_maps of shape (layers*heads, rows, cols), got {tuple(phrase_maps.shape)}")
+            raise ValueError(
+                f"expected phrase_maps of shape (layers*heads, rows, cols), got {tuple(phrase_maps.shape)}"
+            )
         param = self.mask_head.conv_seg.weight
         logits = self.mask_head(phrase_maps[None].to(device=param.device, dtype=param.dtype))[0, 0]
         unet_logits = crop_to_image(logits, view.box, image_size).float()
@@ -99,7 +141,7 @@ class FlmmHead(nn.Module):
             mask_logits = self.sam(unet_logits, phrase_hidden, sam_embedding).float()
         else:
             mask_logits = F.interpolate(unet_logits[None, None], size=(height, width), mode="bilinear")[0, 0]
-        return HeadOutput(mask_logits, unet_logits)
+        return HeadOutput(mask_logits.cpu(), unet_logits.cpu())
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors (float32) into `directory`."""
@@ -120,6 +162,30 @@ class FlmmHead(nn.Module):
                 "(for an official F-LMM .pth use flmm_demo.heads.load_official_flmm)"
             )
         config = FlmmHeadConfig(**json.loads(config_path.read_text()))
-        head = cls(config)
-        head.load_state_dict(load_file(str(directory / WEIGHTS_NAME)), strict=True)
-        return head.to(device).eval()
+        return cls.from_state_dict(config, load_file(str(directory / WEIGHTS_NAME))).to(device).eval()
+
+    @classmethod
+    def from_state_dict(cls, config: FlmmHeadConfig, state: dict[str, torch.Tensor]) -> FlmmHead:
+        """A head whose every tensor comes from `state` (names as in state_dict(); strict).
+
+        Built on the meta device, so no time is spent on a random initialisation.
+        """
+        with torch.device("meta"):
+            head = cls(config)
+        head.load_state_dict(state, strict=True, assign=True)
+        return head
+
+
+def pick_full_view(
+    maps: Sequence[torch.Tensor], views: Sequence[ImageView], image_size: tuple[int, int]
+) -> tuple[torch.Tensor, ImageView]:
+    """The first (maps, view) pair whose view box covers the whole (W, H) image."""
+    width, height = image_size
+    for grid_map, view in zip(maps, views):
+        x0, y0, x1, y1 = view.box
+        if x0 <= 0 and y0 <= 0 and x1 >= width and y1 >= height:
+            return grid_map, view
+    raise ValueError(
+        f"none of the views {[v.name for v in views]} covers the whole {width}x{height} image; "
+        "an F-LMM head needs one grid over the full image"
+    )

@@ -16,36 +16,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
-from flmm_demo.heads.sam import SamImageEmbedding
-
-PROMPT_DIM = 256
-SAM_IMAGE_SIZE = 1024
-SAM_EMBEDDING_SIZE = 64
-LOW_RES_MASK_SIZE = 256
-
-
-class SamPromptModel(nn.Module):
-    """SAM's prompt encoder and mask decoder at the sizes of every released SAM (b, l, h)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.prompt_encoder = PromptEncoder(
-            embed_dim=PROMPT_DIM,
-            image_embedding_size=(SAM_EMBEDDING_SIZE, SAM_EMBEDDING_SIZE),
-            input_image_size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE),
-            mask_in_chans=16,
-        )
-        self.mask_decoder = MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=2048, num_heads=8),
-            transformer_dim=PROMPT_DIM,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        )
+from flmm_demo.heads.sam import (
+    LOW_RES_MASK_SIZE,
+    PROMPT_DIM,
+    SAM_IMAGE_SIZE,
+    SamImageEmbedding,
+    SamPromptModel,
+    decode_prompts,
+)
 
 
 class SamRefiner(nn.Module):
@@ -60,14 +40,6 @@ class SamRefiner(nn.Module):
         self.model = SamPromptModel()
         self.text_layer_weights = nn.Parameter(torch.ones(num_layers))
         self.text_proj = nn.Linear(hidden_size, PROMPT_DIM)
-
-    @classmethod
-    def from_sam(cls, sam: Sam, hidden_size: int = 1, num_layers: int = 1) -> SamRefiner:
-        """A refiner holding an original SAM's prompt encoder and decoder (for prompt_masks)."""
-        refiner = cls(hidden_size, num_layers)
-        refiner.model.prompt_encoder.load_state_dict(sam.prompt_encoder.state_dict())
-        refiner.model.mask_decoder.load_state_dict(sam.mask_decoder.state_dict())
-        return refiner
 
     def text_embeddings(self, phrase_hidden: torch.Tensor) -> torch.Tensor:
         """(L, n, D) hidden states of the phrase tokens (embedding output excluded) -> (n, 256)."""
@@ -89,63 +61,19 @@ class SamRefiner(nn.Module):
     ) -> torch.Tensor:
         """unet_logits: (h, w) cropped to the image area; returns (H, W) logits at the image size."""
         box = mask_logits_to_box(unet_logits, embedding.original_size)
-        return self.decode(
+        logits, _ = decode_prompts(
+            self.model,
             embedding,
             box=box,
             dense_logits=dense_prompt(unet_logits, embedding.input_size, embedding.img_size),
             text_tokens=self.text_embeddings(phrase_hidden),
-        )[0]
-
-    def decode(
-        self,
-        embedding: SamImageEmbedding,
-        *,
-        points: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        box: np.ndarray | None = None,
-        dense_logits: torch.Tensor | None = None,
-        text_tokens: torch.Tensor | None = None,
-        multimask_output: bool = False,
-    ) -> tuple[torch.Tensor, float]:
-        """Decode one mask from any mix of prompts given in original-image pixels.
-
-        points: (N, 2) xy; point_labels: (N,) 1 = foreground, 0 = background;
-        box: (4,) x0, y0, x1, y1; dense_logits: (1, 1, 256, 256); text_tokens: (n, 256).
-        Returns ((H, W) logits at the original size, predicted IoU). With multimask_output
-        the candidate with the highest predicted IoU is returned.
-        """
-        param = self.text_proj.weight
-        resize = ResizeLongestSide(embedding.img_size)
-        point_prompt = None
-        if points is not None:
-            coords = resize.apply_coords(np.asarray(points, dtype=np.float64), embedding.original_size)
-            labels = np.ones(len(coords)) if point_labels is None else np.asarray(point_labels)
-            point_prompt = (
-                torch.as_tensor(coords, dtype=param.dtype, device=param.device)[None],
-                torch.as_tensor(labels, dtype=torch.int, device=param.device)[None],
-            )
-        box_prompt = None
-        if box is not None:
-            scaled = resize.apply_boxes(np.asarray(box, dtype=np.float64).reshape(1, 4), embedding.original_size)
-            box_prompt = torch.as_tensor(scaled, dtype=param.dtype, device=param.device)
-        if dense_logits is not None:
-            dense_logits = dense_logits.to(device=param.device, dtype=param.dtype)
-        sparse, dense = self.model.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=dense_logits)
-        if text_tokens is not None:
-            sparse = torch.cat([sparse.to(dense), text_tokens[None].to(dense)], dim=1)
-        low_res, iou = self.model.mask_decoder(
-            image_embeddings=embedding.features.to(device=param.device, dtype=param.dtype),
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse.to(dense),
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
         )
-        best = int(iou[0].argmax())
-        logits = postprocess_masks(low_res[:, best : best + 1], embedding)
-        return logits[0, 0], float(iou[0, best])
+        return logits
 
 
-def dense_prompt(unet_logits: torch.Tensor, input_size: tuple[int, int], img_size: int = SAM_IMAGE_SIZE) -> torch.Tensor:
+def dense_prompt(
+    unet_logits: torch.Tensor, input_size: tuple[int, int], img_size: int = SAM_IMAGE_SIZE
+) -> torch.Tensor:
     """(h, w) logits -> (1, 1, 256, 256) SAM mask prompt.
 
     Resized to input_size (the resized image), padded right/bottom to img_size with
@@ -169,10 +97,3 @@ def mask_logits_to_box(unet_logits: torch.Tensor, original_size: tuple[int, int]
         height, width = original_size
         return np.array([0.0, 0.0, width, height])
     return np.array([xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1], dtype=np.float64)
-
-
-def postprocess_masks(low_res: torch.Tensor, embedding: SamImageEmbedding) -> torch.Tensor:
-    """(B, 1, 256, 256) decoder logits -> (B, 1, H, W): to img_size, crop the padding, to the original size."""
-    x = F.interpolate(low_res.float(), size=(embedding.img_size, embedding.img_size), mode="bilinear")
-    h, w = embedding.input_size
-    return F.interpolate(x[..., :h, :w], size=embedding.original_size, mode="bilinear")

@@ -1,7 +1,7 @@
 """The SAM image encoder, with its embedding cached per image.
 
-Encoding an image with ViT-L takes about a minute on a CPU and a fraction of a second on
-a GPU; every later prompt on the same image is cheap. `SamImageEncoderCache` computes the
+Encoding an image with ViT-L takes 70-80 s on two CPU threads; every later prompt on the
+same image is cheap (a decode is under 0.1 s). `SamImageEncoderCache` computes the
 embedding once per image and can do it in a background thread (`start`) while the LMM is
 still writing its answer; `get` waits for it.
 """
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from segment_anything import sam_model_registry
-from segment_anything.modeling import ImageEncoderViT, Sam
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
+from torch import nn
 
 # Original SAM checkpoints (https://github.com/facebookresearch/segment-anything#model-checkpoints).
 SAM_CHECKPOINT_NAMES = {
@@ -30,6 +31,9 @@ SAM_CHECKPOINT_NAMES = {
 }
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+SAM_IMAGE_SIZE = 1024
+PROMPT_DIM = 256
+LOW_RES_MASK_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,93 @@ class SamImageEmbedding:
     img_size: int
 
 
-def load_sam(variant: str, checkpoint: str | Path | None) -> Sam:
+class SamPromptModel(nn.Module):
+    """SAM's prompt encoder and mask decoder, at the sizes shared by every released SAM (b, l, h)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        grid = SAM_IMAGE_SIZE // 16
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=PROMPT_DIM,
+            image_embedding_size=(grid, grid),
+            input_image_size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE),
+            mask_in_chans=16,
+        )
+        self.mask_decoder = MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=PROMPT_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        )
+
+    @classmethod
+    def from_sam(cls, sam: Sam) -> SamPromptModel:
+        """The original (not F-LMM-trained) prompt encoder and decoder of a SAM model."""
+        model = cls()
+        model.prompt_encoder.load_state_dict(sam.prompt_encoder.state_dict())
+        model.mask_decoder.load_state_dict(sam.mask_decoder.state_dict())
+        return model.eval()
+
+
+def decode_prompts(
+    model: SamPromptModel,
+    embedding: SamImageEmbedding,
+    *,
+    points: np.ndarray | None = None,
+    point_labels: np.ndarray | None = None,
+    box: np.ndarray | None = None,
+    dense_logits: torch.Tensor | None = None,
+    text_tokens: torch.Tensor | None = None,
+    multimask_output: bool = False,
+) -> tuple[torch.Tensor, float]:
+    """Decode one mask from prompts given in original-image pixels.
+
+    points: (N, 2) xy; point_labels: (N,) 1 = foreground, 0 = background; box: (4,)
+    x0, y0, x1, y1; dense_logits: (1, 1, 256, 256) mask prompt; text_tokens: (n, 256)
+    extra sparse tokens placed after the point/box tokens (F-LMM's language cue).
+    Returns ((H, W) logits at the original size, predicted IoU); with multimask_output the
+    candidate with the highest predicted IoU.
+    """
+    param = next(model.mask_decoder.parameters())
+    resize = ResizeLongestSide(embedding.img_size)
+    point_prompt = None
+    if points is not None:
+        coords = resize.apply_coords(np.asarray(points, dtype=np.float64), embedding.original_size)
+        labels = np.ones(len(coords)) if point_labels is None else np.asarray(point_labels)
+        point_prompt = (
+            torch.as_tensor(coords, dtype=param.dtype, device=param.device)[None],
+            torch.as_tensor(labels, dtype=torch.int, device=param.device)[None],
+        )
+    box_prompt = None
+    if box is not None:
+        scaled = resize.apply_boxes(np.asarray(box, dtype=np.float64).reshape(1, 4), embedding.original_size)
+        box_prompt = torch.as_tensor(scaled, dtype=param.dtype, device=param.device)
+    if dense_logits is not None:
+        dense_logits = dense_logits.to(device=param.device, dtype=param.dtype)
+    sparse, dense = model.prompt_encoder(points=point_prompt, boxes=box_prompt, masks=dense_logits)
+    if text_tokens is not None:
+        sparse = torch.cat([sparse.to(dense), text_tokens[None].to(dense)], dim=1)
+    low_res, iou = model.mask_decoder(
+        image_embeddings=embedding.features.to(device=param.device, dtype=param.dtype),
+        image_pe=model.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse.to(dense),
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+    )
+    best = int(iou[0].argmax())
+    logits = postprocess_masks(low_res[:, best : best + 1], embedding)
+    return logits[0, 0], float(iou[0, best])
+
+
+def postprocess_masks(low_res: torch.Tensor, embedding: SamImageEmbedding) -> torch.Tensor:
+    """(B, 1, 256, 256) decoder logits -> (B, 1, H, W): to img_size, drop the padding, to the original size."""
+    x = F.interpolate(low_res.float(), size=(embedding.img_size, embedding.img_size), mode="bilinear")
+    h, w = embedding.input_size
+    return F.interpolate(x[..., :h, :w], size=embedding.original_size, mode="bilinear")
+
+
+def build_sam_model(variant: str, checkpoint: str | Path | None) -> Sam:
     """Build a full SAM model from segment-anything's registry ('vit_b', 'vit_l' or 'vit_h')."""
     if variant not in SAM_CHECKPOINT_NAMES:
         raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_CHECKPOINT_NAMES)}")
@@ -95,8 +185,10 @@ class SamImageEncoderCache:
         pixel_mean: tuple[float, float, float] = SAM_PIXEL_MEAN,
         pixel_std: tuple[float, float, float] = SAM_PIXEL_STD,
         max_images: int = 4,
+        prompt_model: SamPromptModel | None = None,
     ) -> None:
         self.image_encoder = image_encoder.eval().requires_grad_(False)
+        self.prompt_model = prompt_model
         self.img_size = image_encoder.img_size
         self.pixel_mean = torch.tensor(pixel_mean).view(3, 1, 1)
         self.pixel_std = torch.tensor(pixel_std).view(3, 1, 1)
@@ -108,10 +200,16 @@ class SamImageEncoderCache:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-encoder")
 
     @classmethod
-    def from_checkpoint(cls, variant: str, checkpoint: str | Path, device: str | torch.device = "cpu") -> SamImageEncoderCache:
-        """Load SAM's image encoder from an original SAM checkpoint (e.g. checkpoints/sam_vit_l_0b3195.pth)."""
-        sam = load_sam(variant, checkpoint)
-        return cls(sam.image_encoder.to(device))
+    def from_checkpoint(
+        cls, variant: str, checkpoint: str | Path, device: str | torch.device = "cpu"
+    ) -> SamImageEncoderCache:
+        """Load SAM from an original checkpoint (e.g. checkpoints/sam_vit_l_0b3195.pth).
+
+        Keeps the image encoder and, as `prompt_model`, SAM's own prompt encoder and mask
+        decoder (used by the training-free path; F-LMM's refiner brings its own).
+        """
+        sam = build_sam_model(variant, checkpoint)
+        return cls(sam.image_encoder.to(device), prompt_model=SamPromptModel.from_sam(sam).to(device))
 
     @property
     def device(self) -> torch.device:
@@ -139,9 +237,13 @@ class SamImageEncoderCache:
         features = self.image_encoder(x.to(device=param.device, dtype=param.dtype))
         return SamImageEmbedding(features.float(), input_size, original_size, self.img_size)
 
-    def start(self, image: Image.Image | np.ndarray) -> None:
-        """Begin encoding `image` in the background (no-op if it is cached or running)."""
-        self._submit(image)
+    def start(self, image: Image.Image | np.ndarray) -> Future[SamImageEmbedding]:
+        """Begin encoding `image` in the background and return at once.
+
+        The returned future's result() is the embedding; starting an image that is cached
+        or already running returns the same future.
+        """
+        return self._submit(image)
 
     def set_image(self, image: Image.Image | np.ndarray) -> SamImageEmbedding:
         """Embedding of `image`, computed once and cached."""

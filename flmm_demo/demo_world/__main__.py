@@ -1,0 +1,77 @@
+"""Commands of the demo world.
+
+    python -m flmm_demo.demo_world train-lmm --out checkpoints/demo-shapes/lmm --seed 0 --minutes 30
+    python -m flmm_demo.demo_world eval-lmm --model checkpoints/demo-shapes/lmm [--held-out]
+    python -m flmm_demo.demo_world write-refer --out data/demo-shapes --train 2000 --val 200
+    python -m flmm_demo.demo_world show --seed 3 --out scene.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flmm_demo.demo_world")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train-lmm", help="train the tiny LLaVA from scratch on generated scenes")
+    p.add_argument("--out", default="checkpoints/demo-shapes/lmm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole run")
+    p.add_argument("--scenes", type=int, default=4000, help="size of the pool of training scenes")
+    p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
+
+    p = sub.add_parser("eval-lmm", help="exact-match accuracy on held-out scenes")
+    p.add_argument("--model", default="checkpoints/demo-shapes/lmm")
+    p.add_argument("--seed", type=int, default=777)
+    p.add_argument("-n", type=int, default=100)
+    p.add_argument("--held-out", action="store_true", help="crowded scenes of 6-7 shapes")
+
+    p = sub.add_parser("write-refer", help="write scenes in the RefCOCO layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--held-out", type=int, default=0, help="also a 'testB'-like split of 6-7 shapes")
+
+    p = sub.add_parser("show", help="save one scene and print its text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="scene.png")
+
+    args = parser.parse_args(argv)
+    if args.command == "train-lmm":
+        from flmm_demo.demo_world.lmm import train
+
+        train(args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes)
+    elif args.command == "eval-lmm":
+        from flmm_demo.demo_world.lmm import evaluate
+
+        print(json.dumps(evaluate(args.model, seed=args.seed, n=args.n, held_out=args.held_out)))
+    elif args.command == "write-refer":
+        from flmm_demo.demo_world.scenes import write_refer_dataset
+
+        write_refer_dataset(args.out, args.train, args.seed, "train")
+        write_refer_dataset(args.out, args.val, args.seed + 1, "val")
+        if args.held_out:
+            write_refer_dataset(args.out, args.held_out, args.seed + 2, "testB", held_out=True)
+        print(f"wrote {args.out}")
+    elif args.command == "show":
+        import numpy as np
+
+        from flmm_demo.demo_world.scenes import describe, make_scene, questions_and_answers, referring_expressions
+
+        scene = make_scene(args.seed)
+        scene.pil().save(args.out)
+        print(describe(scene))
+        for names in referring_expressions(scene):
+            print("  refs:", "; ".join(names))
+        for q, a in questions_and_answers(scene, np.random.default_rng(args.seed))[:6]:
+            print(f"  Q: {q}  A: {a}")
+
+
+if __name__ == "__main__":
+    main()

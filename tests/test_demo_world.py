@@ -1,0 +1,191 @@
+"""The demo world: scenes, their language, the refer layout, the tokenizer and the tiny LLaVA."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from flmm_demo.demo_world import (  # noqa: E402
+    DEFAULT_LMM_DIR,
+    describe,
+    make_scene,
+    questions_and_answers,
+    referring_expressions,
+    scene_stream,
+    write_refer_dataset,
+)
+from flmm_demo.demo_world.scenes import COLOURS, SHAPES, SIZE_WORD  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_same_seed_gives_identical_scenes_and_text():
+    a, b, c = make_scene(11), make_scene(11), make_scene(12)
+    assert np.array_equal(a.image, b.image)
+    assert describe(a) == describe(b)
+    assert referring_expressions(a) == referring_expressions(b)
+    qa = [questions_and_answers(s, np.random.default_rng(0)) for s in (a, b)]
+    assert qa[0] == qa[1]
+    assert not np.array_equal(a.image, c.image) or describe(a) != describe(c)
+
+
+def test_scenes_vary_in_size_and_count_and_held_out_is_crowded():
+    scenes = list(scene_stream(3, 30))
+    sizes = {s.size for s in scenes}
+    counts = {len(s.objects) for s in scenes}
+    assert len(sizes) > 10 and all(160 <= min(wh) and max(wh) <= 320 for wh in sizes)
+    assert counts == {2, 3, 4, 5}
+    crowded = list(scene_stream(3, 4, held_out=True))
+    assert all(len(s.objects) in (6, 7) for s in crowded)
+
+
+def test_masks_are_exact_disjoint_and_painted_in_their_colour():
+    for scene in scene_stream(5, 12):
+        w, h = scene.size
+        union = np.zeros((h, w), dtype=int)
+        for obj in scene.objects:
+            assert obj.mask.shape == (h, w) and obj.mask.dtype == bool
+            assert obj.mask.sum() > 50
+            union += obj.mask
+            mean = scene.image[obj.mask].mean(0)
+            assert np.abs(mean - np.array(COLOURS[obj.colour])).max() < 30, (obj.colour, mean)
+        assert union.max() == 1  # visible masks never overlap
+        xs = [o.cx for o in scene.objects]
+        assert xs == sorted(xs)  # canonical order: left to right
+
+
+def test_description_lists_objects_left_to_right():
+    scene = make_scene(21)
+    text = describe(scene)
+    assert text.endswith(".")
+    positions = [text.index(f"{o.colour} {o.shape}") for o in scene.objects]
+    assert positions == sorted(positions)
+
+
+def _matches(expr: str, scene) -> list[int]:
+    """An independent reading of a referring expression: the objects it fits."""
+    rels = {"left of": lambda a, b: a.cx < b.cx, "right of": lambda a, b: a.cx > b.cx,
+            "above": lambda a, b: a.cy < b.cy, "below": lambda a, b: a.cy > b.cy}
+    for rel, test in rels.items():
+        if f" {rel} " in expr:
+            head, anchor = expr.split(f" {rel} ")
+            (a,) = _matches(anchor, scene)
+            return [i for i in _matches(head, scene) if i != a and test(scene.objects[i], scene.objects[a])]
+    words = expr.split()[1:]
+    size_of = {v: k for k, v in SIZE_WORD.items() if v}
+    out = []
+    for i, o in enumerate(scene.objects):
+        ok = words[-1] == o.shape
+        ok &= all(w == o.colour for w in words[:-1] if w in COLOURS)
+        ok &= all(size_of[w] == o.size for w in words[:-1] if w in size_of)
+        if ok:
+            out.append(i)
+    return out
+
+
+def test_referring_expressions_name_exactly_their_object():
+    n_relational = 0
+    for scene in scene_stream(8, 20):
+        for i, names in enumerate(referring_expressions(scene)):
+            for name in names:
+                assert _matches(name, scene) == [i], (name, describe(scene))
+                n_relational += " of " in name or " above " in name or " below " in name
+    assert n_relational > 20
+
+
+def test_refer_dataset_loads_with_consistent_ids(tmp_path):
+    from pycocotools import mask as mask_utils
+
+    write_refer_dataset(tmp_path, 3, seed=1, split="train")
+    write_refer_dataset(tmp_path, 2, seed=2, split="val")
+    coco = json.loads((tmp_path / "instances.json").read_text())
+    refs = pickle.loads((tmp_path / "refs(unc).p").read_bytes())
+    images = {im["id"]: im for im in coco["images"]}
+    anns = {a["id"]: a for a in coco["annotations"]}
+    assert len(images) == 5 and len(anns) == len(coco["annotations"])
+    assert {c["name"] for c in coco["categories"]} == set(SHAPES)
+    assert {r["split"] for r in refs} == {"train", "val"}
+    assert len({r["ref_id"] for r in refs}) == len(refs)
+    for ref in refs:
+        ann = anns[ref["ann_id"]]
+        im = images[ref["image_id"]]
+        assert ann["image_id"] == ref["image_id"] and ann["category_id"] == ref["category_id"]
+        assert (tmp_path / "images" / im["file_name"]).exists()
+        m = mask_utils.decode(ann["segmentation"])
+        assert m.shape == (im["height"], im["width"]) and m.sum() == ann["area"]
+        x, y, w, h = ann["bbox"]
+        assert m[y:y + h, x:x + w].sum() == ann["area"]
+        assert all(set(s) >= {"sent", "tokens", "raw", "sent_id"} for s in ref["sentences"])
+
+
+def test_tokenizer_round_trips_scene_text_with_offsets():
+    from flmm_demo.demo_world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    rng = np.random.default_rng(0)
+    for scene in scene_stream(4, 5):
+        for text in [describe(scene)] + [t for qa in questions_and_answers(scene, rng)[:5] for t in qa]:
+            enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+            assert tok.unk_token_id not in enc.input_ids, text
+            assert tok.decode(enc.input_ids) == text
+            words = [text[a:b] for a, b in enc.offset_mapping]
+            assert words == tok.convert_ids_to_tokens(enc.input_ids)
+
+
+def test_chat_template_and_training_encoding_agree():
+    from flmm_demo.demo_world.lmm import encode_chat
+    from flmm_demo.demo_world.tokenizer import build_processor
+
+    processor = build_processor(image_size=64, patch_size=8)
+    scene = make_scene(2)
+    turns = [("describe the image.", describe(scene)), ("how many shapes are there?", "there are two shapes.")]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": turns[0][0]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": turns[0][1]}]},
+            {"role": "user", "content": [{"type": "text", "text": turns[1][0]}]},
+            {"role": "assistant", "content": [{"type": "text", "text": turns[1][1]}]}]
+    text = processor.apply_chat_template(msgs)
+    ids = processor(images=scene.pil(), text=text, return_tensors="pt").input_ids[0].tolist()
+    mine, labels = encode_chat(processor, turns, n_image_tokens=64)
+    assert ids == mine
+    answer_text = processor.tokenizer.decode([t for t, y in zip(mine, labels) if y != -100], skip_special_tokens=True)
+    assert answer_text == turns[0][1] + " " + turns[1][1]
+
+
+def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from flmm_demo.demo_world.lmm import train
+
+    stats = train(tmp_path / "lmm", seed=0, tiny=True, log=lambda _: None)
+    assert stats["vision_loss"] < stats["first_vision_loss"]
+    assert stats["chat_loss"] < stats["first_chat_loss"]
+    processor = AutoProcessor.from_pretrained(tmp_path / "lmm")
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lmm")
+    assert next(model.parameters()).dtype == torch.float32
+    assert (tmp_path / "lmm" / "model.safetensors").stat().st_size < 2 * 2**20
+
+
+@pytest.mark.skipif(not (REPO / DEFAULT_LMM_DIR / "config.json").exists(), reason="no shipped checkpoint")
+def test_shipped_checkpoint_describes_generated_scenes():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from flmm_demo.demo_world.lmm import answer
+
+    folder = REPO / DEFAULT_LMM_DIR
+    assert all(f.stat().st_size < 20 * 2**20 for f in folder.iterdir())
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    scenes = list(scene_stream(99, 4))
+    texts = answer(model, processor, [s.pil() for s in scenes], ["Please give me a description of the image."] * 4)
+    colours_right = 0
+    for scene, text in zip(scenes, texts):
+        assert text.startswith("a ") and text.endswith("."), text
+        colours_right += scene.objects[0].colour in text.split()
+    assert colours_right >= 3, texts

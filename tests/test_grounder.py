@@ -1,0 +1,115 @@
+"""The Grounder end to end on a tiny random LLaVA: answer -> phrases -> masks on the image."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flmm_demo.backends.llava import LlavaBackend
+from flmm_demo.backends.testing import tiny_llava
+from flmm_demo.grounder import Grounder, enlarge_box
+from flmm_demo.heads import FlmmHead, FlmmHeadConfig
+from flmm_demo.images import ImageError
+
+
+@pytest.fixture(scope="module")
+def backend() -> LlavaBackend:
+    return LlavaBackend(*tiny_llava())
+
+
+@pytest.fixture(scope="module")
+def head(backend: LlavaBackend) -> FlmmHead:
+    torch.manual_seed(0)
+    config = FlmmHeadConfig(backend.num_layers, backend.num_heads, backend.hidden_size, use_refiner=False)
+    return FlmmHead(config).eval()
+
+
+def scene(width: int = 96, height: int = 64) -> Image.Image:
+    array = np.full((height, width, 3), 235, np.uint8)
+    array[8:30, 10:40] = (220, 30, 30)
+    return Image.fromarray(array)
+
+
+ANSWER = "A cat sits on the red mat near a dog."
+
+
+def test_ground_answer_gives_one_full_size_mask_per_phrase(backend, head):
+    session = Grounder(backend, head).new_session(scene())
+    grounded = session.ground(ANSWER)
+    assert [g.phrase.text for g in grounded] == ["cat", "red mat", "dog"]
+    for g in grounded:
+        start, end = g.phrase.char_span
+        assert ANSWER[start:end] == g.phrase.text
+        assert g.mask.shape == (64, 96) and g.mask.dtype == bool
+        assert g.heatmap.shape == (64, 96) and 0 <= g.heatmap.min() and g.heatmap.max() <= 1
+        if g.mask.any():
+            x0, y0, x1, y1 = g.box
+            assert g.mask[y0:y1, x0:x1].sum() == g.mask.sum()
+        else:
+            assert g.box is None
+
+
+def test_training_free_without_a_head_and_chosen_spans(backend):
+    session = Grounder(backend).new_session(scene())
+    with pytest.raises(ValueError, match="no trained F-LMM head"):
+        session.ground(ANSWER, mode="head")
+    (g,) = session.ground(ANSWER, spans=[(2, 5)], mode="training_free")
+    assert g.phrase.text == "cat" and g.mask.shape == (64, 96)
+
+
+def test_huge_image_is_downsized_for_the_model_but_masks_are_full_size(backend, head):
+    session = Grounder(backend, head).new_session(scene(3000, 2000))
+    assert max(session.model_image.size) <= 2048
+    (g,) = session.ground(ANSWER, spans=[(2, 5)])
+    assert g.mask.shape == (2000, 3000) and g.heatmap.shape == (2000, 3000)
+
+
+def test_chat_keeps_history_and_bad_input_keeps_it(backend, head):
+    session = Grounder(backend, head).new_session(scene())
+    answer = session.chat("What is in the picture?", max_new_tokens=6)
+    assert session.history[-1].assistant == answer and len(session.history) == 1
+    for bad in ["", "   ", "x" * 20_000]:
+        with pytest.raises(ValueError):
+            session.chat(bad)
+    assert len(session.history) == 1
+    session.ground()  # the last answer, with the prompt it was generated from
+    session.clear()
+    with pytest.raises(ValueError, match="ask a question first"):
+        session.ground()
+
+
+def test_expression_is_grounded_as_one_phrase(backend, head):
+    session = Grounder(backend, head).new_session(scene())
+    g = session.ground_expression("the red mat")
+    assert g.phrase.text == "the red mat" and g.phrase.token_span[0] == 0
+    assert g.mask.shape == (64, 96)
+
+
+def test_no_noun_phrase_gives_no_masks(backend, head):
+    session = Grounder(backend, head).new_session(scene())
+    assert session.ground("Yes, it is.") == []
+
+
+def test_bad_images_are_refused_clearly(backend, tmp_path):
+    grounder = Grounder(backend)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError):
+        grounder.new_session(empty)
+    with pytest.raises(ImageError):
+        grounder.new_session(b"not an image at all")
+
+
+def test_head_for_another_lmm_is_refused(backend):
+    wrong = FlmmHead(FlmmHeadConfig(24, 16, 2048, use_refiner=False))
+    with pytest.raises(ValueError, match=r"384 attention channels.*but the model has 8"):
+        Grounder(backend, wrong)
+
+
+def test_enlarge_box_stays_inside_the_image():
+    assert enlarge_box((10, 10, 20, 20), (100, 50)) == (7, 7, 23, 23)
+    assert enlarge_box((0, 0, 4, 4), (100, 50), min_side=16) == (0, 0, 16, 16)
+    assert enlarge_box(None, (100, 50)) == (0, 0, 100, 50)
+    x0, y0, x1, y1 = enlarge_box((90, 40, 100, 50), (100, 50))
+    assert x1 <= 100 and y1 <= 50 and x1 - x0 == 16
