@@ -10,6 +10,7 @@ values with `flmm_demo.render`. No model logic lives here.
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 import threading
 import uuid
@@ -57,7 +58,7 @@ class UIState:
     items: list[Item] = field(default_factory=list)
     selected: int | None = None  # index into items; None shows every mask
     pending: Image.Image | None = None  # a new image waiting for "start a new conversation?"
-    export_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    export_id: str | None = None  # this tab's download folder; set on first use (the state is deep-copied per tab)
 
 
 class ModelPool:
@@ -173,7 +174,7 @@ class DemoApp:
         examples = sorted((str(p) for p in ASSETS_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")),
                           key=lambda p: (not Path(p).name.startswith("shapes_"), p))
         with gr.Blocks(title="F-LMM: grounded chat with a frozen LMM") as demo:
-            self.state = gr.State(UIState())
+            self.state = gr.State(UIState(), delete_callback=self._forget)
             gr.Markdown("## F-LMM: chat with an image, see what each phrase of the answer refers to")
             self.model_note = gr.Markdown(DEMO_NOTE if grounder.info.is_demo else "", elem_id="model-note")
             with gr.Row():
@@ -240,6 +241,11 @@ class DemoApp:
             self.sam_timer = gr.Timer(2.0, active=False)
             self._wire()
         return demo
+
+    def _forget(self, state: UIState) -> None:
+        """A tab closed: delete its download folder."""
+        if isinstance(state, UIState) and state.export_id:
+            shutil.rmtree(self.export_dir / state.export_id, ignore_errors=True)
 
     @staticmethod
     def _mode_choices(grounder: Grounder) -> list[tuple[str, str]]:
@@ -334,6 +340,7 @@ class DemoApp:
         buttons = (self.zip_btn, self.json_btn, self.png_btn) if masks else (self.png_btn,)
         if state.session is None or not state.items or overlay is None:
             return {b: gr.DownloadButton(value=None, interactive=False) for b in buttons}
+        state.export_id = state.export_id or uuid.uuid4().hex
         folder = self.export_dir / state.export_id
         folder.mkdir(parents=True, exist_ok=True)
         png_path = folder / "overlay.png"

@@ -113,3 +113,16 @@ def test_enlarge_box_stays_inside_the_image():
     assert enlarge_box(None, (100, 50)) == (0, 0, 100, 50)
     x0, y0, x1, y1 = enlarge_box((90, 40, 100, 50), (100, 50))
     assert x1 <= 100 and y1 <= 50 and x1 - x0 == 16
+
+
+def test_visual_chain_of_thought_crops_the_grounded_object(backend, head):
+    session = Grounder(backend, head).new_session(scene(128, 96))
+    cot = session.visual_cot("What colour is the mat?", max_new_tokens=6)
+    x0, y0, x1, y1 = cot.crop_box
+    assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 96
+    assert cot.crop.size == (x1 - x0, y1 - y0)
+    assert isinstance(cot.first_answer, str) and isinstance(cot.answer, str)
+    if cot.object is not None and cot.object.box is not None:
+        ox0, oy0, ox1, oy1 = cot.object.box  # the crop contains the grounded object
+        assert x0 <= ox0 and y0 <= oy0 and ox1 <= x1 and oy1 <= y1
+    assert session.history == []  # the probe questions are not part of the conversation
