@@ -23,7 +23,7 @@ import gradio as gr
 from PIL import Image
 
 from flmm_demo import render
-from flmm_demo.grounder import Grounder, Session, VisualCoT
+from flmm_demo.grounder import Grounder, Session, VisualCoT, check_question
 from flmm_demo.images import ImageError, fit_for_model, load_image, upscale_mask
 from flmm_demo.presets import PRESETS, MissingWeightsError
 from flmm_demo.types import GroundedPhrase, Turn
@@ -182,7 +182,7 @@ class DemoApp:
                     self.image_in = gr.Image(label="Image (drop, paste or click to upload)", type="filepath",
                                              sources=["upload", "clipboard"], height=260, elem_id="image-in")
                     with gr.Row(visible=False, elem_id="confirm-row") as self.confirm_row:
-                        self.confirm_md = gr.Markdown("A conversation is in progress. Start a new one with this image?")
+                        gr.Markdown("A conversation is in progress. Start a new one with this image?")
                         self.confirm_btn = gr.Button("Start new conversation", variant="primary", elem_id="confirm-new")
                         self.keep_btn = gr.Button("Keep the current one", elem_id="keep-current")
                     self.examples = gr.Dataset(components=[gr.Image(visible=False, type="filepath")],
@@ -264,7 +264,7 @@ class DemoApp:
         self.confirm_btn.click(self.on_confirm, [s], start_out, api_visibility="private")
         self.keep_btn.click(self.on_keep, [s], [self.image_in, self.confirm_row, self.status, s],
                             api_visibility="private")
-        ask_in = [self.question, s, self.chatbot, self.max_tokens, self.mode, self.refine, self.vcot, *view_in]
+        ask_in = [self.question, s, self.max_tokens, self.mode, self.refine, self.vcot, *view_in]
         ask_out = [self.question, self.chatbot, self.status, self.vcot_panel, self.vcot_object, self.vcot_crop,
                    self.vcot_text, s, *self._view_outputs]
         self.ask_btn.click(self.on_ask, ask_in, ask_out, api_name="ask")
@@ -429,7 +429,7 @@ class DemoApp:
             **self._render(state, 0.55, False),
         }
 
-    def on_ask(self, question: str, state: UIState, chat: list, max_tokens: float, mode: str, refine: bool,
+    def on_ask(self, question: str, state: UIState, max_tokens: float, mode: str, refine: bool,
                vcot: bool, alpha: float, show_heat: bool):
         """Stream the answer, then ground its phrases (or run the visual chain of thought)."""
         session = state.session
@@ -437,10 +437,11 @@ class DemoApp:
             gr.Warning("Upload an image or pick an example first.")
             yield {self.status: "Upload an image or pick an example first."}
             return
-        question = (question or "").strip()
-        if not question:
-            gr.Warning("The question is empty: type a question about the image.")
-            yield {self.status: "The question is empty: type a question about the image."}
+        try:
+            question = check_question(question or "")
+        except ValueError as err:
+            gr.Warning(str(err))
+            yield {self.status: str(err)}
             return
         before = self._chat_messages(session.history)
         if vcot:

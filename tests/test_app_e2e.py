@@ -1,7 +1,8 @@
 """The Gradio app in a real browser: `python app.py` on the bundled model, driven by chromium.
 
-One app server and one browser for the whole file. Needs Debian's chromium at
-/usr/bin/chromium (`apt-get install chromium`) and Python Playwright; skipped otherwise.
+One app server and one browser for the whole file. The browser tests need Debian's
+chromium at /usr/bin/chromium (`apt-get install chromium`) and Python Playwright and are
+skipped without them; the first tests check the UI's text helpers and need neither.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from PIL import Image
 
 from flmm_demo import render
 from flmm_demo.demo_world.scenes import make_scene
+from flmm_demo.types import GroundedPhrase, Phrase
+from flmm_demo.ui import Item, find_span, highlighted, item_label
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,10 +32,31 @@ SCENE_SEED = 2  # assets/shapes_2.png: a red cross, a big purple circle and a ye
 OTHER_SEED = 8  # assets/shapes_8.png
 ALPHA = 0.55  # the app's default mask opacity
 
-if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install chromium` to run the browser tests",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
+
+
+def test_answer_is_cut_into_coloured_phrases():
+    answer = "a red cross, a big purple circle and a yellow square."
+    phrases = [(0, 11), (13, 32), (37, 52)]
+    items = [Item(item_label(i, answer[a:b]), _grounded(answer[a:b], (a, b)), True) for i, (a, b) in enumerate(phrases)]
+    items.append(Item(item_label(3, "the cat"), _grounded("the cat", (0, 7)), False))  # typed, not in the answer
+    segments = highlighted(answer, items)
+    assert "".join(text for text, _ in segments) == answer
+    assert [label for _, label in segments if label] == ["1. a red cross", "2. a big purple circle", "3. a yellow square"]
+    assert find_span(answer, "Big  PURPLE circle") == (15, 32)
+    assert find_span(answer, "a green cross") is None
+    assert item_label(0, "word " * 30).endswith("…") and len(item_label(0, "word " * 30)) <= 43
+
+
+def _grounded(text: str, span: tuple[int, int]) -> GroundedPhrase:
+    mask = np.zeros((4, 4), bool)
+    return GroundedPhrase(Phrase(text, span, (0, 1)), mask, None, 0.0, mask.astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def sync_api():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: install it with `apt-get install chromium` to run the browser tests")
+    return pytest.importorskip("playwright.sync_api", reason="Python Playwright is not installed")
 
 
 def _free_port() -> int:
@@ -68,7 +92,7 @@ def app_url(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(sync_api):
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
