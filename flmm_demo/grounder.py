@@ -167,18 +167,21 @@ class Grounder:
         width, height = attention.image_size
         # The answer's mean attention is the bias every token shares (sinks, early image tokens).
         baselines = answer_baseline(attention)
+        phrase_maps = [attention.phrase_maps(p.token_span) for p in phrases]  # per phrase, per view (L*H, rows, cols)
+        head_outputs = None
+        if use_head:  # all phrases together, as F-LMM does (they share SAM's dense-prompt padding)
+            head_outputs = self.head.predict_phrases(
+                phrase_maps, [attention.phrase_hidden(p.token_span) for p in phrases], attention.views,
+                (width, height), sam_embedding=sam_embedding if refine else None,
+            )
         results = []
-        for phrase in phrases:
-            maps = attention.phrase_maps(phrase.token_span)  # per view (L*H, rows, cols)
+        for i, (phrase, maps) in enumerate(zip(phrases, phrase_maps)):
             heat_views = [attention_heatmap(m, baseline=b, num_heads=attention.num_heads)
                           for m, b in zip(maps, baselines)]
             heat = views_to_image([h[None] for h in heat_views], attention.views, (width, height))[0]
             heat = heat / heat.max().clamp(min=1e-12)
-            if use_head:
-                logits = self.head.predict(
-                    maps, attention.phrase_hidden(phrase.token_span), attention.views, (width, height),
-                    sam_embedding=sam_embedding if refine else None,
-                ).mask_logits
+            if head_outputs is not None:
+                logits = head_outputs[i].mask_logits
                 mask = (logits > 0).numpy()
                 score = float(torch.sigmoid(logits[logits > 0]).mean()) if mask.any() else 0.0
             else:

@@ -90,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "no"
     lmm_dtype: str = "auto"
+    head_dtype: str = "float32"
 
     @property
     def cache_dir(self) -> Path:
@@ -443,9 +444,20 @@ def train(config: TrainConfig, backend: Backend | None = None) -> TrainResult:
     head_dir = config.out / HEAD_DIR
     if accelerator.is_main_process:
         accelerator.unwrap_model(forward).head.save_pretrained(head_dir)
+        if config.head_dtype != "float32":
+            store_weights_as(head_dir, config.head_dtype)
         accelerator.print(f"saved the head to {head_dir} after {step} steps")
     accelerator.wait_for_everyone()
     return TrainResult(head_dir, step, losses)
+
+
+def store_weights_as(head_dir: Path, dtype: str) -> None:
+    """Rewrite the saved head's floating-point weights in `dtype` ("float16" halves the file;
+    FlmmHead.from_pretrained then loads them in that precision)."""
+    path = head_dir / "model.safetensors"
+    target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 # ------------------------------------------------------------------ command line
@@ -475,6 +487,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="for the head")
     parser.add_argument("--lmm-dtype", default="auto", choices=LMM_DTYPES,
                         help="weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="precision of the saved head weights (float16: half the file size)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -485,7 +499,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         warmup=args.warmup, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         max_steps=args.max_steps, resume=args.resume, seed=args.seed, mixed_precision=args.mixed_precision,
-        lmm_dtype=args.lmm_dtype,
+        lmm_dtype=args.lmm_dtype, head_dtype=args.head_dtype,
     )
 
 

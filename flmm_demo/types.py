@@ -41,7 +41,8 @@ class AnswerAttention:
         token (as query) restricted to that view's image-token columns. Channel order is
         layer * num_heads + head.
     hidden_states: (L, T, D) float32, output of every decoder layer for the answer
-        tokens (the embedding output excluded).
+        tokens (the embedding output excluded; the last one after the final norm, as
+        transformers returns it and as F-LMM's text cue uses it).
     token_spans[t]: character span (start, end) of answer token t in `answer`.
     """
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from segment_anything.modeling import ImageEncoderViT
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
 from flmm_demo.heads import (
     FlmmHead,
@@ -22,6 +23,7 @@ from flmm_demo.heads import (
     load_head,
     load_official_flmm,
 )
+from flmm_demo.heads.checkpoint import RENAMES
 from flmm_demo.heads.refiner import dense_prompt, mask_logits_to_box
 from flmm_demo.heads.unet import crop_window, pad_to_multiple, prepare_attention, upsample_factor
 from flmm_demo.types import ImageView
@@ -34,7 +36,10 @@ KEY_FILES = {
 
 
 def square_pad_view(width: int, height: int, grid: int = 24) -> ImageView:
-    """The view of a processor that pads the image to a centred square (DeepSeek-VL, F-LMM's LLaVA)."""
+    """The view of a grid over the image padded to a centred square in original pixels.
+
+    (F-LMM's own processors resize first and pad in their 384 / 336 frame: see view_of.)
+    """
     side = max(width, height)
     left, top = (side - width) // 2, (side - height) // 2
     return ImageView("image", (grid, grid), (-left, -top, side - left, side - top))
@@ -289,6 +294,21 @@ def test_sam_cache_preprocesses_like_sam():
     assert torch.equal(x[..., 48:, :], torch.zeros(1, 3, 16, 64))  # zero padding at the bottom
 
 
+def test_sam_cache_input_equals_sam_preprocess():
+    """F-LMM's SAMWrapper.encode_image: RGB array -> ResizeLongestSide.apply_image -> Sam.preprocess."""
+    from segment_anything.modeling import Sam
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    cache = tiny_encoder_cache()
+    sam = Sam(cache.image_encoder, prompt_encoder=None, mask_decoder=None)
+    array = np.random.default_rng(2).integers(0, 256, (37, 50, 3), dtype=np.uint8)
+    resized = torch.as_tensor(ResizeLongestSide(64).apply_image(array)).permute(2, 0, 1).contiguous()[None]
+    expected = sam.preprocess(resized)
+    x, input_size, original_size = cache.preprocess(Image.fromarray(array))
+    assert input_size == tuple(resized.shape[-2:]) == (47, 64) and original_size == (37, 50)
+    assert torch.allclose(x, expected, atol=1e-6)
+
+
 def test_sam_cache_encodes_each_image_once_in_the_background():
     cache = tiny_encoder_cache()
     calls = []
@@ -312,3 +332,230 @@ def test_sam_cache_encodes_each_image_once_in_the_background():
     assert cache.get().original_size == (40, 48)
     assert len(calls) == 2
     cache.close()
+
+
+# ------------------------------------------------------------ F-LMM, re-derived
+# An independent re-implementation of F-LMM's head forward, written from its code
+# (flmm/models/mask_head/mask_decoder.py UNetHead, mmseg's UNet / BasicConvBlock /
+# InterpConv / UpConvBlock, flmm/models/mask_head/mask_refiner.py SAMWrapper, and
+# FrozenDeepseekVLSAM.ground / FrozenLlavaSAM._forward) with plain torch ops on the
+# official parameter names. FlmmHead must reproduce it: U-Net logits and text
+# embeddings to 2e-5, refined SAM logits to 2e-4.
+def ref_conv_module(x: torch.Tensor, state: dict, name: str, padding: int) -> torch.Tensor:
+    """mmcv ConvModule(norm_cfg=GroupNorm(1 group)): conv without bias -> gn -> ReLU."""
+    x = F.conv2d(x, state[f"{name}.conv.weight"], None, padding=padding)
+    x = F.group_norm(x, 1, state[f"{name}.gn.weight"], state[f"{name}.gn.bias"], eps=1e-5)
+    return F.relu(x)
+
+
+def ref_basic_block(x: torch.Tensor, state: dict, name: str) -> torch.Tensor:
+    """mmseg BasicConvBlock with num_convs=2, 3x3 convs, dilation 1."""
+    for j in range(2):
+        x = ref_conv_module(x, state, f"{name}.convs.{j}", padding=1)
+    return x
+
+
+def ref_unet_head(x: torch.Tensor, state: dict) -> torch.Tensor:
+    """F-LMM UNetHead.forward (normalize_input=True, upsample_input=64) -> (B, 1, h', w')."""
+    state = {k.removeprefix("mask_head."): v for k, v in state.items() if k.startswith("mask_head.")}
+    h, w = x.shape[-2:]
+    x = x / x.sum((-2, -1), keepdim=True).clamp(min=1e-12)
+    x = F.interpolate(x.float(), scale_factor=max(1.0, 64 / max(h, w)), mode="bilinear").to(x)
+    h, w = x.shape[-2:]
+    padded = x.new_zeros(*x.shape[:2], math.ceil(h / 8) * 8, math.ceil(w / 8) * 8)
+    padded[..., :h, :w] = x
+    # mmseg UNet(num_stages=4, strides 1, downsamples True): MaxPool before stages 1-3
+    enc_outs, y = [], padded
+    for i in range(4):
+        if i > 0:
+            y = F.max_pool2d(y, kernel_size=2)
+        y = ref_basic_block(y, state, f"encoder.{i}.{0 if i == 0 else 1}")
+        enc_outs.append(y)
+    for i in reversed(range(3)):
+        # InterpConv: F-LMM's patched Upsample (size = int(2 * side), float32), then 1x1 ConvModule
+        size = [int(t * 2.0) for t in y.shape[-2:]]
+        up = F.interpolate(y.float(), size, None, "bilinear", False).to(y)
+        up = ref_conv_module(up, state, f"decoder.{i}.upsample.interp_upsample.1", padding=0)
+        y = ref_basic_block(torch.cat([enc_outs[i], up], dim=1), state, f"decoder.{i}.conv_block")
+    return F.conv2d(y[..., :h, :w], state["conv_seg.weight"], state["conv_seg.bias"])
+
+
+def ref_processor_meta(width: int, height: int, side: int) -> dict:
+    """F-LMM's processors (DeepSeek VLMImageProcessor: side 384; CustomLlavaImageProcessor: 336):
+    longest side -> side with int() on the other, then centred padding (pad // 2 before)."""
+    longest = max(width, height)
+    rh, rw = max(int(height / longest * side), 14), max(int(width / longest * side), 14)
+    return dict(padding=dict(before_height=(side - rh) // 2, before_width=(side - rw) // 2),
+                image_shape=dict(height=rh, width=rw), padded_shape=dict(height=side, width=side))
+
+
+def ref_crop(pred_masks: torch.Tensor, meta: dict) -> torch.Tensor:
+    """The crop of FrozenDeepseekVLSAM.ground / FrozenLlavaSAM._forward on (N, 64, 64) logits."""
+    mh, mw = pred_masks.shape[-2:]
+    ph, pw = meta["padded_shape"]["height"], meta["padded_shape"]["width"]
+    top = int(meta["padding"]["before_height"] * mh / ph)
+    left = int(meta["padding"]["before_width"] * mw / pw)
+    h = int(meta["image_shape"]["height"] * mh / ph + 0.5)
+    w = int(meta["image_shape"]["width"] * mw / pw + 0.5)
+    return pred_masks[:, top:top + h, left:left + w]
+
+
+def view_of(meta: dict, width: int, height: int) -> ImageView:
+    """The view box, in original pixels, of the processor frame described by `meta`."""
+    sx, sy = meta["image_shape"]["width"] / width, meta["image_shape"]["height"] / height
+    side = meta["padded_shape"]["height"]
+    bw, bh = meta["padding"]["before_width"], meta["padding"]["before_height"]
+    return ImageView("image", (24, 24), (-bw / sx, -bh / sy, (side - bw) / sx, (side - bh) / sy))
+
+
+def ref_text_embeds(hidden_all: torch.Tensor, spans: list[tuple[int, int]], state: dict) -> list[torch.Tensor]:
+    """hidden_all: (L, S, D) = hidden_states[-L:] -> per phrase (n, 256), as in F-LMM."""
+    weights = torch.softmax(state["text_layer_weights"], dim=0)
+    mixed = (hidden_all * weights.view(-1, 1, 1)).sum(0)
+    return [F.linear(mixed[a:b], state["text_proj.weight"], state["text_proj.bias"]) for a, b in spans]
+
+
+def ref_sam_modules(state: dict) -> tuple[PromptEncoder, MaskDecoder]:
+    """segment-anything's prompt encoder / mask decoder (sam_vit_l sizes) with the official tensors."""
+    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
+                                   mask_in_chans=16)
+    mask_decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                               transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    for module, prefix in ((prompt_encoder, "sam.model.prompt_encoder."), (mask_decoder, "sam.model.mask_decoder.")):
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return prompt_encoder.eval(), mask_decoder.eval()
+
+
+def ref_sam_wrapper(state: dict, features: torch.Tensor, original_size: tuple[int, int],
+                    pred_masks: torch.Tensor, text_embeds: list[torch.Tensor]) -> torch.Tensor:
+    """SAMWrapper.forward after encode_image: (N, h, w) cropped logits -> (N, H, W) SAM logits."""
+    prompt_encoder, mask_decoder = ref_sam_modules(state)
+    oh, ow = original_size
+    scale = 1024 / max(oh, ow)
+    input_size = (int(oh * scale + 0.5), int(ow * scale + 0.5))  # ResizeLongestSide.get_preprocess_shape
+    # generate_prompt_masks: one pad value for the whole batch of phrases
+    pad_value = min(-1.0, pred_masks.min().item())
+    masks = F.interpolate(pred_masks[:, None].float(), size=input_size, mode="bilinear")
+    masks = F.pad(masks, (0, 1024 - masks.shape[-1], 0, 1024 - masks.shape[-2]), value=pad_value)
+    prompt_masks = F.interpolate(masks, size=(256, 256), mode="bilinear")
+    binary = F.interpolate(pred_masks[None].float().sigmoid(), size=original_size, mode="bilinear")[0] > 0.5
+    out = []
+    for prompt_mask, mask, text_embed in zip(prompt_masks, binary, text_embeds):
+        if mask.sum() > 0:
+            ys, xs = np.where(mask.numpy())
+            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])  # mask2box
+        else:
+            box = np.array([0.0, 0.0, ow, oh])
+        box = box.reshape(2, 2).astype(float) * [input_size[1] / ow, input_size[0] / oh]  # apply_boxes
+        sparse, dense = prompt_encoder(points=None, boxes=torch.as_tensor(box, dtype=torch.float32).view(1, 1, 4),
+                                       masks=prompt_mask.view(1, 1, 256, 256))
+        sparse = torch.cat([sparse, text_embed[None]], dim=1)
+        low_res, _ = mask_decoder(image_embeddings=features, image_pe=prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=False)
+        # Sam.postprocess_masks
+        x = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)
+        x = x[..., :input_size[0], :input_size[1]]
+        out.append(F.interpolate(x, original_size, mode="bilinear", align_corners=False)[0, 0])
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def official_head(tmp_path_factory):
+    """A random head saved under F-LMM's parameter names and loaded back like a released .pth.
+
+    The U-Net output is made steep (conv_seg x 20) so phrases reach different minimum
+    logits, which makes F-LMM's batch-wide dense-prompt fill observable.
+    """
+    torch.manual_seed(0)
+    head = FlmmHead(FlmmHeadConfig(num_layers=6, num_heads=4, hidden_size=96))
+    inverse = {ours: theirs for theirs, ours in RENAMES.items()}
+    state = {inverse.get(k, k): v.detach().clone() for k, v in head.state_dict().items()}
+    state["mask_head.conv_seg.weight"] *= 20
+    state["mask_head.conv_seg.bias"] = torch.tensor([-2.0])
+    path = tmp_path_factory.mktemp("flmm") / "head.pth"
+    torch.save(state, path)
+    return load_official_flmm(path, num_layers=6, num_heads=4, hidden_size=96), state
+
+
+@pytest.mark.parametrize(
+    "width,height,side,refine",
+    # square 24x24 grid; DeepSeek-VL frame (384) for 640x480 and for a size whose crop needs
+    # exact rounding; LLaVA-1.5 frame (336). SAM runs on two of them to keep the test fast.
+    [(512, 512, 384, True), (640, 480, 384, True), (200, 376, 384, False), (500, 333, 336, False)],
+)
+def test_head_matches_an_independent_flmm_reimplementation(official_head, width, height, side, refine):
+    head, state = official_head
+    generator = torch.Generator().manual_seed(width + height)
+    maps = torch.rand(2, 24, 24, 24, generator=generator)
+    maps[1] = maps[1] ** 8  # a peaky second phrase
+    hidden_all = torch.randn(6, 11, 96, generator=generator)  # (L, S, D), embedding output excluded
+    spans = [(2, 5), (7, 8)]
+    features = torch.randn(1, 256, 64, 64, generator=generator)
+    meta = ref_processor_meta(width, height, side)
+    embedding = None
+    if refine:
+        input_size = sam_embedding_for(width, height).input_size
+        embedding = SamImageEmbedding(features, input_size, (height, width), 1024)
+
+    with torch.no_grad():
+        ref_full = ref_unet_head(maps, state)[:, 0]
+        ref_unet = ref_crop(ref_full, meta)
+        ref_text = ref_text_embeds(hidden_all, spans, state)
+        full = head.mask_head(maps)[:, 0]
+        text = [head.sam.text_embeddings(hidden_all[:, a:b]) for a, b in spans]
+        outs = head.predict_phrases(list(maps), [hidden_all[:, a:b] for a, b in spans],
+                                    view_of(meta, width, height), (width, height), embedding)
+
+    assert (full - ref_full).abs().max() <= 2e-5
+    for ours, theirs in zip(text, ref_text):
+        assert (ours - theirs).abs().max() <= 2e-5
+    for out, theirs in zip(outs, ref_unet):
+        assert out.unet_logits.shape == theirs.shape
+        assert (out.unet_logits - theirs).abs().max() <= 2e-5
+        assert out.mask_logits.shape == (height, width)
+    if refine:
+        with torch.no_grad():
+            ref_sam = ref_sam_wrapper(state, features, (height, width), ref_unet, ref_text)
+        for out, theirs in zip(outs, ref_sam):
+            assert (out.mask_logits - theirs).abs().max() <= 2e-4
+
+
+def test_crop_follows_flmm_processor_frame_despite_float_error():
+    """200x376 into DeepSeek-VL's 384 frame (204 px wide, 90 px padding on the left): F-LMM
+    crops columns 15..48. The view box in original pixels starts at x0 = -90 / (204 / 200),
+    spans 384 / (204 / 200), and -x0 * 64 / span is 14.999999999999998 in floats."""
+    meta = ref_processor_meta(200, 376, 384)
+    assert meta["padding"]["before_width"] == 90 and meta["image_shape"]["width"] == 102 * 2
+    logits = torch.arange(64 * 64, dtype=torch.float32).view(1, 64, 64)
+    ours = crop_to_image(logits, view_of(meta, 200, 376).box, (200, 376))
+    assert torch.equal(ours, ref_crop(logits, meta))
+    assert ours.shape[-2:] == (64, 34) and ours[0, 0, 0] == 15
+
+
+def test_predict_phrases_shares_the_dense_prompt_fill(official_head):
+    head, _ = official_head
+    width, height = 640, 480  # 768 of 1024 rows hold the image: the rest is filled
+    maps = torch.rand(2, 24, 24, 24, generator=torch.Generator().manual_seed(3))
+    maps[1] = maps[1] ** 8
+    hidden = [torch.randn(6, 2, 96), torch.randn(6, 1, 96)]
+    view = view_of(ref_processor_meta(width, height, 384), width, height)
+    embedding = sam_embedding_for(width, height, seed=1)
+    fills = []
+
+    def capture(module, args, kwargs):
+        fills.append(float(kwargs["masks"][0, 0, -1, -1]))
+
+    handle = head.sam.model.prompt_encoder.register_forward_pre_hook(capture, with_kwargs=True)
+    together = head.predict_phrases(list(maps), hidden, view, (width, height), embedding)
+    minima = [float(out.unet_logits.min()) for out in together]
+    higher = int(np.argmax(minima))
+    alone = head.predict(maps[higher], hidden[higher], view, (width, height), embedding)
+    handle.remove()
+
+    assert min(minima) < -1 and minima[0] != minima[1]
+    # F-LMM: every phrase of the batch is filled with min(-1, min over all phrases)
+    assert fills[:2] == pytest.approx([min(minima)] * 2, abs=1e-5)
+    # one phrase at a time: with its own minimum
+    assert fills[2] == pytest.approx(min(-1.0, minima[higher]), abs=1e-5)
+    assert torch.allclose(together[higher].unet_logits, alone.unet_logits, atol=1e-5)

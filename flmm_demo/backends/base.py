@@ -35,9 +35,11 @@ feed a head that is being trained.
 Optional hooks, with defaults that suit Llama-style models:
 
     chat_text(history, question) -> str   # default: processor.apply_chat_template
-    prepare_image(image, template) -> (image, origin)
-        # what the processor receives and where its top-left pixel lies in the original
-        # image; default: unchanged, origin (0, 0). LLaVA's flmm template pads to square.
+    prepare_image(image, template) -> (image, placement)
+        # what the processor receives and where it lies in the original image:
+        # placement (ox, oy, sx, sy) maps its pixel x to ox + sx * x in the original
+        # (y likewise); default: unchanged, (0, 0, 1, 1). LLaVA and DeepSeek-VL build
+        # F-LMM's resized, padded square here.
     processor_kwargs(template) -> dict     # extra processor arguments
     answer_prefix: str                     # text glued before the answer when tokenizing it
     text_config_key: str                   # sub-config of the language model ("text_config")
@@ -199,9 +201,9 @@ class Backend:
         messages[0]["content"].insert(0, {"type": "image"})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float]]:
-        """(image for the processor, position of its top-left pixel in the original image)."""
-        return image, (0.0, 0.0)
+    def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float, float, float]]:
+        """(image for the processor, placement (ox, oy, sx, sy): its x is ox + sx * x in the original)."""
+        return image, (0.0, 0.0, 1.0, 1.0)
 
     def processor_kwargs(self, template: str) -> dict[str, Any]:
         return {}
@@ -235,7 +237,7 @@ class Backend:
             raise ValueError(f"template must be 'chat' or 'flmm', got {template!r}")
         text += answer_start
         image = image.convert("RGB")
-        processed, (ox, oy) = self.prepare_image(image, template)
+        processed, (ox, oy, sx, sy) = self.prepare_image(image, template)
         inputs = self.processor(images=processed, text=text, return_tensors="pt", **self.processor_kwargs(template))
         inputs = {k: v.to(self.model.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         if "attention_mask" not in inputs:
@@ -245,7 +247,8 @@ class Backend:
         if not bool((inputs["input_ids"] == self.image_token_id).any()):
             raise ValueError("the prompt holds no image tokens; does the chat template put the image placeholder in?")
         views = [
-            ViewTokens(v.name, v.grid, (v.box[0] + ox, v.box[1] + oy, v.box[2] + ox, v.box[3] + oy), v.positions)
+            ViewTokens(v.name, v.grid, (ox + sx * v.box[0], oy + sy * v.box[1], ox + sx * v.box[2], oy + sy * v.box[3]),
+                       v.positions)
             for v in self.image_views(inputs, processed.size)
         ]
         return Prompt(inputs, views, image.size, _digest(inputs))

@@ -1,8 +1,9 @@
 """DeepSeek-VL (transformers port, deepseek-community/deepseek-vl-*-chat).
 
-The processor resizes the longest side to the SigLIP input size and pads the short side
-to a centred square with the mean colour, so the single (24x24 for the real model) grid
-covers that padded square. F-LMM's head was trained with "User: <image>{question}\n\n
+The image is resized (longest side to the SigLIP input size) and padded to a centred
+square with the mean colour the way F-LMM's own processor does it, before the
+transformers processor sees it; the single (24x24 for the real model) grid covers that
+padded square. F-LMM's head was trained with "User: <image>{question}\n\n
 Assistant:" after BOS, empty system prompt (flmm.md section 5); the answer follows
 "Assistant:" after a space, as in DeepSeek's conversation format.
 """
@@ -12,7 +13,7 @@ import torch
 from transformers import DeepseekVLForConditionalGeneration
 
 from flmm_demo.backends.base import Backend, ViewTokens
-from flmm_demo.backends.llava import _size_entry, image_positions
+from flmm_demo.backends.llava import _size_entry, image_positions, mean_fill, resize_and_pad_square
 
 FLMM_DEEPSEEK_TEXT = "User: {image}{question}\n\nAssistant:"
 
@@ -44,6 +45,14 @@ class DeepseekVLBackend(Backend):
 
     def flmm_text(self) -> str:
         return FLMM_DEEPSEEK_TEXT.format(image=self.processor.image_token, question=self.grounding_prompt)
+
+    def prepare_image(self, image, template: str):
+        # F-LMM's processor: short side int(short * side / long), at least min_size (the
+        # transformers port rounds instead), centred padding. The port then sees a square.
+        image_processor = self.processor.image_processor
+        side = _size_entry(image_processor.size, "height")
+        min_size = getattr(image_processor, "min_size", 1)
+        return resize_and_pad_square(image, side, mean_fill(image_processor), min_short=min_size)
 
     def image_views(self, inputs: dict[str, torch.Tensor], input_size: tuple[int, int]) -> list[ViewTokens]:
         vision = self.model.config.vision_config

@@ -1,9 +1,10 @@
 """LLaVA-1.5 (llava-hf/llava-1.5-*-hf): one CLIP grid of image tokens.
 
-Both templates pad the image to a centred square first, as LLaVA-1.5 itself was trained
-(image_aspect_ratio "pad") and as F-LMM's LLaVA head saw it. Without it llava-hf's
-processor centre-crops, and the parts of the image outside the crop could not be
-grounded at all. The grid then covers the padded square.
+Both templates resize the longest side to the processor's input size and pad to a
+centred square first, as LLaVA-1.5 itself was trained (image_aspect_ratio "pad") and
+exactly as F-LMM's LLaVA processor does (so its head's crop arithmetic holds). Without
+it llava-hf's processor centre-crops, and the parts of the image outside the crop could
+not be grounded at all. The grid then covers the padded square.
 """
 from __future__ import annotations
 
@@ -25,19 +26,26 @@ def _size_entry(size: Any, key: str) -> int | None:
     return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
 
 
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> tuple[Image.Image, tuple[float, float]]:
-    """Centre `image` on a square canvas (floor on the top/left) like LLaVA's expand2square.
+def resize_and_pad_square(
+    image: Image.Image, side: int, fill: tuple[int, int, int], min_short: int = 1
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
+    """F-LMM's square input: longest side resized to `side` (bicubic; the short side
+    int(short * side / long), at least min_short), centred on a `side` square of `fill`
+    with the odd pixel of padding after.
 
-    Returns the square and the position of its top-left pixel in the original image.
+    Returns the square and its placement (ox, oy, sx, sy) in the original image: square
+    pixel x lies at ox + sx * x (y likewise), so boxes map back exactly.
     """
     w, h = image.size
-    if w == h:
-        return image, (0.0, 0.0)
-    side = max(w, h)
-    left, top = (side - w) // 2, (side - h) // 2
+    long = max(w, h)
+    rw = side if w == long else max(int(w * side / long), min_short)
+    rh = side if h == long else max(int(h * side / long), min_short)
+    resized = image.resize((rw, rh), Image.BICUBIC) if (rw, rh) != (w, h) else image
+    left, top = (side - rw) // 2, (side - rh) // 2
     canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, (left, top))
-    return canvas, (-float(left), -float(top))
+    canvas.paste(resized, (left, top))
+    sx, sy = w / rw, h / rh
+    return canvas, (-left * sx, -top * sy, sx, sy)
 
 
 def mean_fill(image_processor: Any) -> tuple[int, int, int]:
@@ -95,8 +103,12 @@ class LlavaBackend(Backend):
     def flmm_text(self) -> str:
         return FLMM_LLAVA_TEXT.format(image=self.processor.image_token, question=self.grounding_prompt)
 
-    def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float]]:
-        return pad_to_square(image, mean_fill(self.processor.image_processor))
+    def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float, float, float]]:
+        # The processor's own resize / centre crop are then no-ops on the square.
+        image_processor = self.processor.image_processor
+        side = _size_entry(image_processor.crop_size, "height") if getattr(image_processor, "do_center_crop", False) \
+            else _size_entry(image_processor.size, "shortest_edge")
+        return resize_and_pad_square(image, side, mean_fill(image_processor))
 
     def image_views(self, inputs: dict[str, torch.Tensor], input_size: tuple[int, int]) -> list[ViewTokens]:
         config = self.model.config

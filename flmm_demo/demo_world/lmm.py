@@ -94,7 +94,7 @@ def build_model(size: ModelSize, seed: int = 0) -> tuple[LlavaForConditionalGene
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     with torch.no_grad():
-        pos = model.model.vision_tower.vision_model.embeddings.position_embedding.weight  # (1 + g*g, D)
+        pos = model.model.vision_tower.embeddings.position_embedding.weight  # (1 + g*g, D)
         pos[0].zero_()
         pos[1:] = sincos_positions(size.grid, size.vision_hidden)
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flmm_demo.heads.refiner import SamRefiner
+from flmm_demo.heads.refiner import SamRefiner, dense_pad_value
 from flmm_demo.heads.sam import SamImageEmbedding
-from flmm_demo.heads.unet import UNetMaskDecoder, crop_to_image
+from flmm_demo.heads.unet import UNetMaskDecoder, covers_image, crop_to_image
 from flmm_demo.types import ImageView
 
 CONFIG_NAME = "config.json"
@@ -121,27 +121,57 @@ class FlmmHead(nn.Module):
         first view that covers the whole image is used, as F-LMM's heads see one grid.
         sam_embedding: the image's SAM embedding; without it (or without a refiner) the
         U-Net logits are resized bilinearly to the image size.
+        To ground several phrases of one answer exactly as F-LMM does, use predict_phrases.
         """
-        if not isinstance(view, ImageView):
-            phrase_maps, view = pick_full_view(phrase_maps, view, image_size)
-        if phrase_maps.dim() != 3:
-            raise ValueError(
-                f"expected phrase_maps of shape (layers*heads, rows, cols), got {tuple(phrase_maps.shape)}"
-            )
+        return self.predict_phrases([phrase_maps], [phrase_hidden], view, image_size, sam_embedding)[0]
+
+    @torch.no_grad()
+    def predict_phrases(
+        self,
+        phrase_maps: Sequence[torch.Tensor | Sequence[torch.Tensor]],
+        phrase_hidden: Sequence[torch.Tensor | None],
+        view: ImageView | Sequence[ImageView],
+        image_size: tuple[int, int],
+        sam_embedding: SamImageEmbedding | None = None,
+    ) -> list[HeadOutput]:
+        """Ground the phrases of one answer together, as F-LMM's `ground` does.
+
+        phrase_maps[i], phrase_hidden[i]: as in `predict`, for phrase i. Differs from
+        calling predict per phrase in one way: the SAM dense prompt of every phrase is
+        padded with min(-1, min over all phrases' U-Net logits), F-LMM's batch rule.
+        """
+        if len(phrase_maps) != len(phrase_hidden):
+            raise ValueError(f"got maps for {len(phrase_maps)} phrases but hidden states for {len(phrase_hidden)}")
+        if not phrase_maps:
+            return []
+        grids = []
+        for maps in phrase_maps:
+            if not isinstance(view, ImageView):
+                maps, grid_view = pick_full_view(maps, view, image_size)
+            else:
+                grid_view = view
+            if maps.dim() != 3:
+                raise ValueError(f"expected phrase_maps of shape (layers*heads, rows, cols), got {tuple(maps.shape)}")
+            grids.append(maps)
         param = self.mask_head.conv_seg.weight
-        logits = self.mask_head(phrase_maps[None].to(device=param.device, dtype=param.dtype))[0, 0]
-        unet_logits = crop_to_image(logits, view.box, image_size).float()
+        logits = self.mask_head(torch.stack(grids).to(device=param.device, dtype=param.dtype))[:, 0]
+        unet_logits = crop_to_image(logits, grid_view.box, image_size).float()  # (P, h, w)
         width, height = image_size
-        if self.sam is not None and sam_embedding is not None and phrase_hidden is not None:
+        refine = self.sam is not None and sam_embedding is not None and all(h is not None for h in phrase_hidden)
+        if refine:
             if sam_embedding.original_size != (height, width):
                 raise ValueError(
                     f"the SAM embedding is of a {sam_embedding.original_size[1]}x{sam_embedding.original_size[0]} "
                     f"image but the phrase belongs to a {width}x{height} one; encode the same image"
                 )
-            mask_logits = self.sam(unet_logits, phrase_hidden, sam_embedding).float()
+            pad_value = dense_pad_value(unet_logits)
+            mask_logits = [
+                self.sam(unet, hidden, sam_embedding, pad_value).float()
+                for unet, hidden in zip(unet_logits, phrase_hidden)
+            ]
         else:
-            mask_logits = F.interpolate(unet_logits[None, None], size=(height, width), mode="bilinear")[0, 0]
-        return HeadOutput(mask_logits.cpu(), unet_logits.cpu())
+            mask_logits = F.interpolate(unet_logits[None], size=(height, width), mode="bilinear")[0]
+        return [HeadOutput(mask.cpu(), unet.cpu()) for mask, unet in zip(mask_logits, unet_logits)]
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors (float32) into `directory`."""
@@ -182,8 +212,7 @@ def pick_full_view(
     """The first (maps, view) pair whose view box covers the whole (W, H) image."""
     width, height = image_size
     for grid_map, view in zip(maps, views):
-        x0, y0, x1, y1 = view.box
-        if x0 <= 0 and y0 <= 0 and x1 >= width and y1 >= height:
+        if covers_image(view.box, image_size):
             return grid_map, view
     raise ValueError(
         f"none of the views {[v.name for v in views]} covers the whole {width}x{height} image; "

@@ -13,6 +13,8 @@ Module names match the released checkpoints: `model.prompt_encoder.*`, `model.ma
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -58,28 +60,45 @@ class SamRefiner(nn.Module):
         unet_logits: torch.Tensor,
         phrase_hidden: torch.Tensor,
         embedding: SamImageEmbedding,
+        pad_value: float | None = None,
     ) -> torch.Tensor:
-        """unet_logits: (h, w) cropped to the image area; returns (H, W) logits at the image size."""
+        """unet_logits: (h, w) cropped to the image area; returns (H, W) logits at the image size.
+
+        pad_value: fill of the dense prompt outside the resized image; default
+        min(-1, min of these logits). F-LMM refines all phrases of an image together and
+        uses min(-1, min over all of their logits): pass that to match it (see
+        `dense_pad_value`).
+        """
         box = mask_logits_to_box(unet_logits, embedding.original_size)
         logits, _ = decode_prompts(
             self.model,
             embedding,
             box=box,
-            dense_logits=dense_prompt(unet_logits, embedding.input_size, embedding.img_size),
+            dense_logits=dense_prompt(unet_logits, embedding.input_size, embedding.img_size, pad_value),
             text_tokens=self.text_embeddings(phrase_hidden),
         )
         return logits
 
 
+def dense_pad_value(unet_logits: Sequence[torch.Tensor]) -> float:
+    """min(-1, smallest logit of all the phrases' (h, w) U-Net logits): F-LMM's dense-prompt fill."""
+    return min(-1.0, min(logits.min().item() for logits in unet_logits))
+
+
 def dense_prompt(
-    unet_logits: torch.Tensor, input_size: tuple[int, int], img_size: int = SAM_IMAGE_SIZE
+    unet_logits: torch.Tensor,
+    input_size: tuple[int, int],
+    img_size: int = SAM_IMAGE_SIZE,
+    pad_value: float | None = None,
 ) -> torch.Tensor:
     """(h, w) logits -> (1, 1, 256, 256) SAM mask prompt.
 
     Resized to input_size (the resized image), padded right/bottom to img_size with
-    min(-1, min logit) so the padding reads as background, resized to 256x256.
+    pad_value (default min(-1, min logit)) so the padding reads as background, resized
+    to 256x256.
     """
-    pad_value = min(-1.0, unet_logits.min().item())
+    if pad_value is None:
+        pad_value = dense_pad_value([unet_logits])
     x = F.interpolate(unet_logits[None, None].float(), size=input_size, mode="bilinear")
     h, w = x.shape[-2:]
     x = F.pad(x, (0, img_size - w, 0, img_size - h), value=pad_value)

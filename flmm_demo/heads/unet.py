@@ -147,15 +147,42 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, math.ceil(w / multiple) * multiple - w, 0, math.ceil(h / multiple) * multiple - h))
 
 
+# F-LMM computes the crop from integers of the processor's frame, so its ratios are exact.
+# Ours come from a view box in original pixels, where a ratio that should be whole can
+# come out as 14.999999999999998 (a 200x376 image in DeepSeek-VL's 384 frame) and int()
+# would drop a cell. The true ratios are fractions with the processor side (hundreds)
+# as denominator, so snapping within 1e-6 only absorbs float error.
+_SNAP = 1e-6
+
+
+def _floor(value: float) -> int:
+    return math.floor(value + _SNAP)
+
+
 def crop_window(out_size: int, pad_before: float, image_side: float, padded_side: float) -> tuple[int, int]:
     """(start, length) of the image inside one axis of an output grid of `out_size` cells.
 
     F-LMM's rule for images padded to a centred square: start = int(pad_before * n / padded),
-    length = int(image_side * n / padded + 0.5), all lengths in the same unit (pixels).
+    length = int(image_side * n / padded + 0.5), all lengths in the same unit. F-LMM uses
+    the processor's frame (resized image side, its padding and the padded side, e.g. 384
+    for DeepSeek-VL, 336 for LLaVA-1.5); a view box in original pixels whose ratios equal
+    that frame's gives the same numbers.
     """
-    start = int(pad_before * out_size / padded_side)
-    length = int(image_side * out_size / padded_side + 0.5)
+    start = _floor(pad_before * out_size / padded_side)
+    length = _floor(image_side * out_size / padded_side + 0.5)
     return start, max(1, min(length, out_size - start))
+
+
+def covers_image(view_box: tuple[float, float, float, float], image_size: tuple[int, int]) -> bool:
+    """Whether the view box (x0, y0, x1, y1) spans the whole (W, H) image.
+
+    Boxes derived from a processor's scale carry float error (701.9999999999999 for 702),
+    so a thousandth of a pixel is forgiven.
+    """
+    x0, y0, x1, y1 = view_box
+    width, height = image_size
+    tol = 1e-3
+    return x0 <= tol and y0 <= tol and x1 >= width - tol and y1 >= height - tol
 
 
 def crop_to_image(
@@ -171,7 +198,7 @@ def crop_to_image(
     """
     x0, y0, x1, y1 = view_box
     width, height = image_size
-    if x0 > 0 or y0 > 0 or x1 < width or y1 < height:
+    if not covers_image(view_box, image_size):
         raise ValueError(
             f"the view {view_box} does not cover the whole {width}x{height} image; F-LMM's heads "
             "expect a grid over the full (possibly padded) image"

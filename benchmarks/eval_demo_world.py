@@ -1,0 +1,280 @@
+"""The demo world's measured table: the tiny LMM's answers and how well its words are grounded.
+
+    python benchmarks/eval_demo_world.py                       # ~5-10 min on a 2-core CPU
+    python benchmarks/eval_demo_world.py --scenes 200 --crowded-scenes 100 --lmm-scenes 300   # longer, tighter
+
+Everything is measured on scenes generated here from --seed (default 1000), a seed the
+shipped LMM (scenes of seed 100) and head (seed 1) never saw:
+
+1. LMM answers (exact match): the description and one random question per scene
+   (`flmm_demo.demo_world.lmm.evaluate`), on regular scenes (2-5 shapes) and crowded
+   scenes (6-7 shapes, more than any training scene).
+2. Referring segmentation, every sentence of every object (LISA/GLaMM protocol), through
+   `flmm_demo.evaluate.evaluate` exactly as `python -m flmm_demo eval` runs it, for the
+   trained U-Net head and the training-free path; and two references that use the ground
+   truth: the box of the object filled in ("oracle box"), and the mask pooled to the
+   LMM's patch grid and back, thresholded at 0.5 ("grid ceiling": the best a mask drawn
+   in whole patches can do; "bilinear" upsamples the pooled coverage before the threshold).
+3. Phrase grounding of generated descriptions: the app's path (`Session.chat` then
+   `Session.ground`, chat template, spaCy noun phrases); each phrase is scored against
+   the object(s) of the scene whose name it is ("small red circle"); phrases that name
+   no object of the scene (a wrong word) are counted, not scored.
+
+Prints markdown tables (n on every row), the command, and the time each part took;
+--json also writes every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from flmm_demo.backends import load_backend  # noqa: E402
+from flmm_demo.demo_world import scene_stream, write_refer_dataset  # noqa: E402
+from flmm_demo.demo_world.scenes import Scene  # noqa: E402
+from flmm_demo.evaluate import EvalConfig, evaluate  # noqa: E402
+from flmm_demo.grounder import Grounder  # noqa: E402
+from flmm_demo.heads import load_head  # noqa: E402
+from flmm_demo.heads.training_free import mask_box  # noqa: E402
+from flmm_demo.metrics import IoUAccumulator, SegmentationScores  # noqa: E402
+from flmm_demo.refer import ReferImage, ReferObject, open_refer  # noqa: E402
+
+DEFAULT_MODEL = "checkpoints/demo-shapes/lmm"
+DEFAULT_HEAD = "checkpoints/demo-shapes/head"
+DESCRIBE = "describe the image."
+PROTOCOL = "every"
+# (name, split, held_out, seed offset): regular scenes like training, crowded ones with more shapes.
+SETS = (("regular (2-5 shapes)", "val", False, 0), ("crowded (6-7 shapes)", "testB", True, 1))
+
+
+# ------------------------------------------------------------------ references from ground truth
+
+
+def oracle_box_mask(target: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the ground truth's bounding box, filled."""
+    out = np.zeros_like(target, dtype=bool)
+    box = mask_box(target)
+    if box is not None:
+        x0, y0, x1, y1 = (int(v) for v in box)
+        out[y0:y1, x0:x1] = True
+    return out
+
+
+def grid_ceiling_mask(target: np.ndarray, grid: int, bilinear: bool = False) -> np.ndarray:
+    """(H, W) bool: the mask as the LMM's patch grid can draw it.
+
+    The image is padded to a centred square (as the LLaVA processor and F-LMM's LLaVA
+    head see it), the mask's coverage of each of the grid x grid patches is computed,
+    brought back to the image (nearest: whole patches; bilinear: smoothed) and
+    thresholded at 0.5.
+    """
+    height, width = target.shape
+    side = max(width, height)
+    left, top = (side - width) // 2, (side - height) // 2
+    square = np.zeros((side, side), np.float32)
+    square[top:top + height, left:left + width] = target
+    coverage = Image.fromarray(square).resize((grid, grid), Image.BOX)
+    back = coverage.resize((side, side), Image.BILINEAR if bilinear else Image.NEAREST)
+    return np.asarray(back)[top:top + height, left:left + width] >= 0.5
+
+
+def reference_scores(objects: list[tuple[ReferImage, ReferObject]], grid: int) -> dict[str, SegmentationScores]:
+    """cIoU/gIoU of the ground-truth references over (image, object) pairs, every
+    expression of an object counted once, as for the models."""
+    makers = {
+        "oracle: ground-truth box": oracle_box_mask,
+        f"ceiling: {grid}x{grid} grid, whole patches": lambda t: grid_ceiling_mask(t, grid),
+        f"ceiling: {grid}x{grid} grid, bilinear": lambda t: grid_ceiling_mask(t, grid, bilinear=True),
+    }
+    accumulators = {name: IoUAccumulator(PROTOCOL) for name in makers}
+    for image, obj in objects:
+        target = image.mask(obj)
+        for name, make in makers.items():
+            pred = make(target)
+            for _ in obj.expressions(PROTOCOL):  # same weight per object as the model rows
+                accumulators[name].add(pred, target)
+    return {name: acc.scores() for name, acc in accumulators.items()}
+
+
+def miou_by_object_count(per_expression: list[dict], data_dir: Path) -> dict[int, float]:
+    """Mean IoU of an evaluation's expressions per number of shapes in their scene."""
+    counts: dict[str, int] = defaultdict(int)
+    for ann in json.loads((data_dir / "instances.json").read_text())["annotations"]:
+        counts[str(ann["image_id"])] += 1
+    by_count: dict[int, list[float]] = defaultdict(list)
+    for record in per_expression:
+        by_count[counts[str(record["image_id"])]].append(record["iou"])
+    return {k: float(np.mean(v)) for k, v in sorted(by_count.items())}
+
+
+# ------------------------------------------------------------------ phrase grounding
+
+
+def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[str, ...]) -> dict:
+    """Describe each scene (greedy), ground the answer's noun phrases, score each phrase.
+
+    A phrase is scored against the union of the scene's objects whose name equals its
+    text (two identical shapes are both 'the' small red circle). Returns, per mode, the
+    cIoU/gIoU over the scored phrases, plus how many descriptions were exact and how many
+    phrases named no object of the scene.
+    """
+    from flmm_demo.demo_world import describe
+
+    accumulators = {mode: IoUAccumulator("phrases") for mode in modes}
+    exact = unmatched = total = 0
+    for scene in scenes:
+        session = grounder.new_session(scene.pil())
+        answer = session.chat(DESCRIBE, max_new_tokens=64)
+        exact += answer == describe(scene)
+        by_name: dict[str, np.ndarray] = {}
+        for obj in scene.objects:
+            by_name[obj.phrase] = by_name.get(obj.phrase, np.zeros_like(obj.mask)) | obj.mask
+        for mode in modes:
+            for grounded in session.ground(mode=mode, refine=False):
+                target = by_name.get(grounded.phrase.text.lower().strip())
+                if mode == modes[0]:
+                    total += 1
+                    unmatched += target is None
+                if target is not None:
+                    accumulators[mode].add(grounded.mask, target)
+    scores = {mode: acc.scores() if acc.n else None for mode, acc in accumulators.items()}
+    return {"scores": scores, "descriptions": len(scenes), "exact_descriptions": exact,
+            "phrases": total, "unmatched_phrases": unmatched}
+
+
+# ------------------------------------------------------------------ the run
+
+
+def build_grounder(model: str, head: str | None) -> Grounder:
+    backend = load_backend(model, device="cpu", dtype=torch.float32)
+    return Grounder(backend, load_head(head, backend) if head else None, None)
+
+
+def attention_grid(grounder: Grounder) -> int:
+    """Patches a side of the LMM's (square) image grid."""
+    vision = grounder.backend.model.config.vision_config
+    return vision.image_size // vision.patch_size
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    timings: dict[str, float] = {}
+    results: dict = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "seed": args.seed}
+
+    start = time.time()
+    from flmm_demo.demo_world.lmm import evaluate as evaluate_lmm
+
+    results["lmm"] = {}
+    for name, _, held_out, offset in SETS:
+        n = args.lmm_scenes if not held_out else max(1, args.lmm_scenes // 2)
+        results["lmm"][name] = evaluate_lmm(args.model, seed=args.seed + 10 + offset, n=n, held_out=held_out)
+    timings["LMM answers"] = time.time() - start
+
+    grounder = build_grounder(args.model, args.head)
+    grid = attention_grid(grounder)
+    work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="demo-world-eval-"))
+    results["segmentation"], results["by_count"] = {}, {}
+    for name, split, held_out, offset in SETS:
+        n_scenes = args.scenes if not held_out else args.crowded_scenes
+        data_dir = work / f"seed{args.seed + offset}-{split}-{n_scenes}"
+        if data_dir.exists():  # write_refer_dataset appends: start clean
+            shutil.rmtree(data_dir)
+        write_refer_dataset(data_dir, n_scenes, args.seed + offset, split, held_out=held_out)
+        dataset = open_refer(data_dir, split)
+        rows: dict[str, SegmentationScores] = {}
+        for mode, label in (("head", "U-Net head (trained)"), ("training_free", "training-free")):
+            start = time.time()
+            config = EvalConfig(model=args.model, data=data_dir, split=split, protocol=PROTOCOL, refine=False,
+                                limit=args.limit, device="cpu")
+            result = evaluate(config, grounder=grounder, mode=mode)
+            rows[label] = result.scores
+            timings[f"{name}: {label}"] = time.time() - start
+            if mode == "head":
+                results["by_count"][name] = miou_by_object_count(result.per_expression, data_dir)
+        objects = [(image, obj) for image in dataset for obj in image.objects][: args.limit]
+        rows.update(reference_scores(objects, grid))
+        results["segmentation"][name] = rows
+
+    start = time.time()
+    scenes = list(scene_stream(args.seed + 20, args.phrase_scenes))
+    modes = ("head", "training_free") if args.head else ("training_free",)
+    results["phrases"] = phrase_grounding(grounder, scenes, modes)
+    timings["phrase grounding"] = time.time() - start
+    results["timings_s"] = timings
+    if args.data_dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def markdown(results: dict) -> str:
+    """The tables of a run, in markdown."""
+    lines = ["### Tiny LMM: exact-match answers", "",
+             "| scenes | description | question | question after the description | n |", "|---|---|---|---|---|"]
+    for name, r in results["lmm"].items():
+        lines.append(f"| {name} | {r['description']:.2f} | {r['qa']:.2f} | {r['multi_turn_qa']:.2f} | {r['n']} |")
+    lines += ["", "### Referring segmentation (every sentence of every object)", "",
+              "| scenes | method | cIoU | gIoU | n expressions |", "|---|---|---|---|---|"]
+    for name, rows in results["segmentation"].items():
+        for label, s in rows.items():
+            lines.append(f"| {name} | {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |")
+    lines += ["", "U-Net head, gIoU (mean IoU) by number of shapes in the scene:", ""]
+    for name, by_count in results["by_count"].items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} shapes {v:.3f}" for k, v in by_count.items()))
+    p = results["phrases"]
+    lines += ["", "### Grounding the noun phrases of generated descriptions (regular scenes)", "",
+              f"{p['descriptions']} scenes described ({p['exact_descriptions']} exactly right); "
+              f"{p['phrases']} noun phrases, {p['unmatched_phrases']} naming no object of the scene (not scored).", "",
+              "| method | cIoU | mean IoU | n phrases |", "|---|---|---|---|"]
+    for mode, s in p["scores"].items():
+        label = "U-Net head (trained)" if mode == "head" else "training-free"
+        lines.append(f"| {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |" if s else f"| {label} | - | - | 0 |")
+    lines += ["", "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items()),
+              "", f"Command: `python {results['command']}`"]
+    return "\n".join(lines)
+
+
+def _jsonable(value):
+    if isinstance(value, SegmentationScores):
+        return value.as_dict()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the tiny LMM folder")
+    parser.add_argument("--head", default=DEFAULT_HEAD, help="its F-LMM head folder ('' for training-free only)")
+    parser.add_argument("--seed", type=int, default=1000, help="held-out scenes: seed, seed+1 (crowded), +10.. (LMM)")
+    parser.add_argument("--scenes", type=int, default=60, help="regular held-out scenes for segmentation")
+    parser.add_argument("--crowded-scenes", type=int, default=25, help="crowded held-out scenes (6-7 shapes)")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N objects of each set")
+    parser.add_argument("--lmm-scenes", type=int, default=100, help="scenes for the LMM's answer accuracy")
+    parser.add_argument("--phrase-scenes", type=int, default=40, help="scenes described and grounded")
+    parser.add_argument("--data-dir", help="keep the generated held-out datasets here (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write every number here")
+    args = parser.parse_args(argv)
+    results = run(args)
+    print(markdown(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
