@@ -4,7 +4,8 @@ For one model (default: the bundled demo) and a few example images, times
   - loading the model (once),
   - new_session (image checks, resizing, SAM encoding started),
   - the first streamed token of the answer, the full answer,
-  - grounding every phrase of the answer (the first mask appears then).
+  - grounding every phrase of the answer: the app shows the masks when all are done, so
+    this is also the time to the first mask on screen.
 
     python benchmarks/bench_app_latency.py [--preset NAME] [--device cpu] [--repeats 3]
 
@@ -81,7 +82,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"model load: {t_load:.2f} s; question: {QUESTION!r}; max_new_tokens {args.max_new_tokens}; "
           f"mode {args.mode}; median of {args.repeats}\n")
-    print("| image | new_session s | first token s | full answer s | first mask s | phrases |")
+    print("| image | new_session s | first token s | full answer s | masks on screen s | phrases |")
     print("|---|---|---|---|---|---|")
     for image, m in rows:
         print(f"| {Path(image).name} | {m['session']:.3f} | {m['first_token']:.3f} | {m['answer']:.3f} | "

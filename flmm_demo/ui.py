@@ -383,9 +383,12 @@ class DemoApp:
         try:
             image = load_image(path)
         except ImageError as err:
-            gr.Warning(f"Could not use that file: {err}")
+            # Name the user's file, not the server's temporary copy.
+            name = (payload.get("orig_name") if isinstance(payload, dict) else None) or Path(path).name
+            message = str(err).replace(str(path), name)
+            gr.Warning(f"Could not use that file: {message}")
             return {self.image_in: state.session.image if state.session is not None else None,
-                    self.status: f"Upload failed: {err}", self.state: state}
+                    self.status: f"Upload failed: {message}", self.state: state}
         if state.session is not None and state.session.history:
             state.pending = image
             return {self.confirm_row: gr.Row(visible=True), self.state: state,

@@ -21,8 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from flmm_demo import train  # noqa: E402
 from flmm_demo.demo_world import DEFAULT_LMM_DIR, write_refer_dataset  # noqa: E402
+from flmm_demo.backends import load_backend  # noqa: E402
 from flmm_demo.evaluate import EvalConfig, evaluate  # noqa: E402
-from flmm_demo.heads import FlmmHead  # noqa: E402
+from flmm_demo.grounder import Grounder  # noqa: E402
+from flmm_demo.heads import FlmmHead, load_head  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_HEAD = REPO / "checkpoints" / "demo-shapes" / "head"
@@ -30,8 +32,8 @@ RESULTS_DOC = REPO / "docs" / "demo_world_results.md"
 # Held-out scenes for the shipped-weights check: not the head's training seed (1), not the
 # benchmark's (1000+), not the LMM's (100).
 CHECK_SEED = 2024
-CHECK_SCENES = 12
-CHECK_OBJECTS = 18  # objects scored (every sentence of each): about 100 expressions
+CHECK_SCENES = 6
+CHECK_OBJECTS = 14  # objects scored (every sentence of each): about 80 expressions
 # Allowed shortfall from the documented cIoU on this small set (its sampling noise is
 # about +-0.05 between seeds; the documented figure is over many more scenes).
 MARGIN = 0.10
@@ -90,9 +92,13 @@ def test_shipped_weights_reach_the_documented_ciou(tmp_path):
     for folder in (REPO / DEFAULT_LMM_DIR, SHIPPED_HEAD):
         assert all(f.stat().st_size < 20 * 2**20 for f in folder.iterdir()), folder
     write_refer_dataset(tmp_path, CHECK_SCENES, seed=CHECK_SEED, split="val")
+    backend = load_backend(str(REPO / DEFAULT_LMM_DIR), device="cpu", dtype=torch.float32)
+    head = load_head(SHIPPED_HEAD, backend)
+    assert not head.config.use_refiner
     config = EvalConfig(model=str(REPO / DEFAULT_LMM_DIR), data=tmp_path, split="val", protocol="every",
-                        head=SHIPPED_HEAD, refine=False, limit=CHECK_OBJECTS, device="cpu")
-    result = evaluate(config)
-    assert result.mode == "head" and result.scores.n >= 50
+                        refine=False, limit=CHECK_OBJECTS, device="cpu")
+    # float32 compute, as the benchmark measures it (the weights are stored in float16).
+    result = evaluate(config, grounder=Grounder(backend, head.float(), None), mode="head")
+    assert result.scores.n >= 40
     documented = documented_head_ciou()
     assert result.scores.ciou >= documented - MARGIN, (result.scores, documented)

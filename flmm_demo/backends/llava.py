@@ -106,8 +106,11 @@ class LlavaBackend(Backend):
     def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float, float, float]]:
         # The processor's own resize / centre crop are then no-ops on the square.
         image_processor = self.processor.image_processor
-        side = _size_entry(image_processor.crop_size, "height") if getattr(image_processor, "do_center_crop", False) \
-            else _size_entry(image_processor.size, "shortest_edge")
+        if getattr(image_processor, "do_center_crop", False):
+            side = _size_entry(image_processor.crop_size, "height")
+        else:
+            size = image_processor.size
+            side = _size_entry(size, "shortest_edge") or _size_entry(size, "height")
         return resize_and_pad_square(image, side, mean_fill(image_processor))
 
     def image_views(self, inputs: dict[str, torch.Tensor], input_size: tuple[int, int]) -> list[ViewTokens]:

@@ -128,7 +128,7 @@ def decode_prompts(
     )
     best = int(iou[0].argmax())
     logits = postprocess_masks(low_res[:, best : best + 1], embedding)
-    return logits[0, 0], float(iou[0, best])
+    return logits[0, 0], float(iou[0, best].detach())
 
 
 def postprocess_masks(low_res: torch.Tensor, embedding: SamImageEmbedding) -> torch.Tensor:
