@@ -147,6 +147,15 @@ def highlighted(answer: str, items: list[Item]) -> list[tuple[str, str | None]]:
     return out
 
 
+def _enlarged(image: Image.Image, min_side: int = 256) -> Image.Image:
+    """A small crop scaled up (pixels kept sharp) so the browser shows it at a readable size."""
+    longest = max(image.size)
+    if longest >= min_side:
+        return image
+    factor = -(-min_side // longest)
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
 def _payload_path(payload: Any) -> str | None:
     """File path from a raw (unpreprocessed) gr.Image payload, or None when cleared."""
     if payload is None:
@@ -504,7 +513,7 @@ class DemoApp:
                 f"**Relevant object:** {obj_text}; crop box ({x0}, {y0}, {x1}, {y1})\n\n"
                 f"**Answer with the crop:** {cot.answer}")
         yield {self.chatbot: chat, self.vcot_panel: gr.Column(visible=True), self.vcot_object: obj_img,
-               self.vcot_crop: cot.crop, self.vcot_text: text, self.status: "Grounding the phrases of the answer…"}
+               self.vcot_crop: _enlarged(cot.crop), self.vcot_text: text, self.status: "Grounding the phrases of the answer…"}
         yield self._ground_answer(state, cot.answer, mode, refine, alpha, show_heat)
 
     def on_clear(self, state: UIState) -> dict:

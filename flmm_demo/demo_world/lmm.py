@@ -5,10 +5,13 @@ two-layer projector, Llama decoder), small enough to train on a CPU in minutes.
 
 Training, in two stages:
 1. Vision pre-training. The vision tower alone learns, for every patch, the colour,
-   shape and size of the shape covering it and that shape's rank from the left. The
-   labels come from the exact scene masks; they are cheap and make each image token
-   carry "which object is here", which the language model then only has to read.
-2. Chat training. The whole model is teacher-forced on conversations (description,
+   shape and size of the shape covering it and that shape's rank from the left, and
+   per object the shape and size from its pooled patches. The labels come from the
+   exact scene masks; they are cheap and make each image token carry "which object is
+   here", which the language model then only has to read. Position embeddings start
+   from 2-D sine-cosine codes.
+2. Chat training. The tower is frozen and its features of the scene pool cached; the
+   projector and the Llama decoder are teacher-forced on conversations (description,
    questions, several turns); the loss covers the assistant's tokens only.
 """
 from __future__ import annotations
@@ -252,7 +255,7 @@ def _chat_logits(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, 
 
 
 def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool = False,
-          n_scenes: int = 3000, batch_size: int = 8, vision_share: float = 0.4, log=print) -> dict[str, float]:
+          n_scenes: int = 4000, batch_size: int = 8, vision_share: float = 0.4, log=print) -> dict[str, float]:
     """Train the tiny LLaVA from scratch and save it (fp16 safetensors + processor) to out_dir.
 
     vision_share of the time budget goes to vision pre-training; then the tower is frozen,
