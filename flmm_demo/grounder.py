@@ -176,7 +176,10 @@ class Grounder:
             )
         results = []
         for i, (phrase, maps) in enumerate(zip(phrases, phrase_maps)):
-            heat_views = [attention_heatmap(m, baseline=b, num_heads=attention.num_heads)
+            # A phrase that is the whole answer (a typed expression) is its own mean: the
+            # answer baseline would cancel it, so the channel median is the reference then.
+            whole = phrase.token_span == (0, len(attention.token_ids))
+            heat_views = [attention_heatmap(m, baseline=None if whole else b, num_heads=attention.num_heads)
                           for m, b in zip(maps, baselines)]
             heat = views_to_image([h[None] for h in heat_views], attention.views, (width, height))[0]
             heat = heat / heat.max().clamp(min=1e-12)

@@ -126,3 +126,10 @@ def test_visual_chain_of_thought_crops_the_grounded_object(backend, head):
         ox0, oy0, ox1, oy1 = cot.object.box  # the crop contains the grounded object
         assert x0 <= ox0 and y0 <= oy0 and ox1 <= x1 and oy1 <= y1
     assert session.history == []  # the probe questions are not part of the conversation
+
+
+def test_training_free_expression_has_a_heat_map(backend):
+    """The expression is the whole answer: its heat map must not cancel against the answer's mean."""
+    session = Grounder(backend).new_session(scene())
+    g = session.ground_expression("the red mat", mode="training_free")
+    assert g.heatmap.max() == pytest.approx(1.0) and g.mask.any()
