@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="checkpoints/demo-shapes/lmm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole run")
-    p.add_argument("--scenes", type=int, default=4000, help="size of the pool of training scenes")
+    p.add_argument("--scenes", type=int, default=3000, help="size of the pool of training scenes")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
 
     p = sub.add_parser("eval-lmm", help="exact-match accuracy on held-out scenes")

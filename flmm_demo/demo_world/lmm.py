@@ -5,11 +5,9 @@ two-layer projector, Llama decoder), small enough to train on a CPU in minutes.
 
 Training, in two stages:
 1. Vision pre-training. The vision tower alone learns, for every patch, the colour,
-   shape and size of the shape covering it and that shape's rank from the left, and
-   per object the shape and size from its pooled patches. The labels come from the
-   exact scene masks; they are cheap and make each image token carry "which object is
-   here", which the language model then only has to read. Position embeddings start
-   from 2-D sine-cosine codes.
+   shape and size of the shape covering it and that shape's rank from the left. The
+   labels come from the exact scene masks; they are cheap and make each image token
+   carry "which object is here", which the language model then only has to read.
 2. Chat training. The tower is frozen and its features of the scene pool cached; the
    projector and the Llama decoder are teacher-forced on conversations (description,
    questions, several turns); the loss covers the assistant's tokens only.
@@ -72,23 +70,6 @@ def build_config(size: ModelSize, vocab_size: int, image_token_id: int, pad_toke
         image_seq_length=size.grid ** 2, projector_hidden_act="gelu", tie_word_embeddings=False)
 
 
-def sincos_positions(grid: int, dim: int) -> torch.Tensor:
-    """(grid*grid, dim) fixed 2-D sine-cosine position codes (half the channels for x, half for y).
-
-    Starting the CLIP tower's learned position embeddings from these lets a tiny tower
-    relate patches by their rows and columns from the first step, which shape and
-    'left of' depend on.
-    """
-    quarter = dim // 4
-    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
-    parts = []
-    for coord in (xs.flatten(), ys.flatten()):
-        angles = coord[:, None] * freqs[None, :]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1)
-
-
 def build_model(size: ModelSize, seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised tiny LLaVA and its processor."""
     processor = build_processor(size.image_size, size.patch_size)
@@ -96,10 +77,6 @@ def build_model(size: ModelSize, seed: int = 0) -> tuple[LlavaForConditionalGene
     config = build_config(size, len(tok), tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    with torch.no_grad():
-        pos = model.model.vision_tower.embeddings.position_embedding.weight  # (1 + g*g, D)
-        pos[0].zero_()
-        pos[1:] = sincos_positions(size.grid, size.vision_hidden)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
@@ -191,25 +168,17 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
 
 
 class PatchHeads(torch.nn.Module):
-    """Classifiers of the vision tower's patch features, used only to pre-train it.
-
-    Per patch: colour, shape, size and rank from the left (each with a background class).
-    Per object: shape and size from the mean of the object's patch features. The object
-    terms matter most: a patch inside a shape looks the same for every shape, so its shape
-    is only in the outline patches; pooling asks the tower to put it there, and the
-    language model's attention over an object's patches does the same pooling later.
-    """
+    """Linear classifiers of patch features, used only to pre-train the vision tower:
+    colour, shape, size and rank from the left (each with a background class)."""
 
     def __init__(self, dim: int):
         super().__init__()
         classes = (len(S.COLOURS) + 1, len(S.SHAPES) + 1, len(S.SIZES) + 1, 8)
         self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, c) for c in classes)
-        self.object_shape = torch.nn.Linear(dim, len(S.SHAPES) + 1)
-        self.object_size = torch.nn.Linear(dim, len(S.SIZES) + 1)
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """feats: (B, g*g, D); labels: (B, 4, g, g). Returns the summed cross-entropy and
-        accuracies (patch ones on object patches only)."""
+        each head's accuracy on the patches that show an object."""
         flat = labels.flatten(2)  # (B, 4, g*g)
         on_object = flat[:, 0] > 0
         loss, accs = feats.new_zeros(()), {}
@@ -217,15 +186,6 @@ class PatchHeads(torch.nn.Module):
             logits = head(feats)  # (B, g*g, classes)
             loss = loss + F.cross_entropy(logits.transpose(1, 2), flat[:, k])
             accs[name] = (logits.argmax(-1) == flat[:, k])[on_object].float().mean().item()
-        owner = F.one_hot(flat[:, 3], 8)[..., 1:].float()  # (B, g*g, 7): patch -> object
-        counts = owner.sum(1)  # (B, 7)
-        pooled = owner.transpose(1, 2) @ feats / counts.clamp(min=1)[..., None]  # (B, 7, D)
-        present = counts > 0
-        for k, (name, head) in ((1, ("object_shape", self.object_shape)), (2, ("object_size", self.object_size))):
-            target = (owner * flat[:, k, :, None]).amax(1).long()  # (B, 7)
-            logits = head(pooled[present])
-            loss = loss + 2 * F.cross_entropy(logits, target[present])
-            accs[name] = (logits.argmax(-1) == target[present]).float().mean().item()
         return loss, accs
 
 
@@ -255,7 +215,7 @@ def _chat_logits(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, 
 
 
 def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool = False,
-          n_scenes: int = 4000, batch_size: int = 8, vision_share: float = 0.4, log=print) -> dict[str, float]:
+          n_scenes: int = 3000, batch_size: int = 8, vision_share: float = 0.3, log=print) -> dict[str, float]:
     """Train the tiny LLaVA from scratch and save it (fp16 safetensors + processor) to out_dir.
 
     vision_share of the time budget goes to vision pre-training; then the tower is frozen,
@@ -288,7 +248,7 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
         loss, accs = heads(_vision_features(model, pool.pixels[idx].float()), pool.patch_labels[idx])
         progress = max(step / v_steps, (time.time() - v_start) / v_time)
         for g in opt.param_groups:
-            g["lr"] = _lr(step, progress, 2e-3, min(30, v_steps // 3))
+            g["lr"] = _lr(step, progress, 2e-3, min(50, v_steps // 3))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vparams, 1.0)
@@ -320,7 +280,7 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         progress = max(step / c_steps, (time.time() - c_start) / max(1.0, end - c_start))
         for g in opt.param_groups:
-            g["lr"] = _lr(step, progress, 1e-3, min(30, c_steps // 4))
+            g["lr"] = _lr(step, progress, 1e-3, min(100, c_steps // 4))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

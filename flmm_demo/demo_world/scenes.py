@@ -28,7 +28,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 # Diameter of a shape as a fraction of the image's short side, per size class.
-SIZES: dict[str, tuple[float, float]] = {"small": (0.20, 0.24), "medium": (0.30, 0.35), "big": (0.42, 0.48)}
+SIZES: dict[str, tuple[float, float]] = {"small": (0.17, 0.21), "medium": (0.27, 0.32), "big": (0.39, 0.45)}
 SIZE_WORD = {"small": "small", "medium": "", "big": "big"}
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DESCRIBE_PROMPTS = (
@@ -188,7 +188,7 @@ def _place_objects(rng: np.random.Generator, n: int, width: int, height: int):
             cy = rng.uniform(d / 2 + 2, height - d / 2 - 2)
             if any(abs(cx - p[3]) < min_dx for p in params):
                 continue
-            angle = 0.0 if shape == "circle" else rng.uniform(-0.1, 0.1)
+            angle = 0.0 if shape == "circle" else rng.uniform(-0.2, 0.2)
             m = _shape_mask(shape, cx, cy, d, angle, width, height)
             trial = full_masks + [m]
             if _visible_ok(trial):
