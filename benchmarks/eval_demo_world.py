@@ -11,12 +11,11 @@ shipped LMM (scenes of seed 100) and head (seed 1) never saw:
    scenes (6-7 shapes, more than any training scene).
 2. Referring segmentation, every sentence of every object (LISA/GLaMM protocol), through
    `flmm_demo.evaluate.evaluate` exactly as `python -m flmm_demo eval` runs it, for the
-   trained U-Net head and the Grounder's training-free path; the training-free heat map
-   with the channel-median reference (see `training_free_median_scores`: the Grounder's
-   answer-mean reference cancels a typed expression's own attention); and references that use the ground
-   truth: the box of the object filled in ("oracle box"), and the mask pooled to the
-   LMM's patch grid and back, thresholded at 0.5 ("grid ceiling": the best a mask drawn
-   in whole patches can do; "bilinear" upsamples the pooled coverage before the threshold).
+   trained U-Net head and the training-free path (no SAM: the heat map thresholded); and
+   references from the ground truth: the object's box filled in ("oracle box"), and the
+   mask pooled to the LMM's patch grid and back, thresholded at 0.5 ("grid ceiling": the
+   best a mask drawn in whole patches can do; "bilinear" upsamples the pooled coverage
+   before the threshold).
 3. Phrase grounding of generated descriptions: the app's path (`Session.chat` then
    `Session.ground`, chat template, spaCy noun phrases); each phrase is scored against
    the object(s) of the scene whose name it is ("small red circle"); phrases that name
@@ -122,28 +121,6 @@ def miou_by_object_count(per_expression: list[dict], data_dir: Path) -> dict[int
     return {k: float(np.mean(v)) for k, v in sorted(by_count.items())}
 
 
-def training_free_median_scores(grounder: Grounder, objects: list[tuple[ReferImage, ReferObject]]) -> SegmentationScores:
-    """The training-free heat map with the channel-median reference instead of the answer's
-    mean attention, thresholded (Otsu): for a typed expression the phrase IS the whole
-    answer, so the answer-mean reference the Grounder subtracts cancels the phrase's own
-    attention and leaves an empty heat map. Same expressions, same teacher forcing."""
-    from flmm_demo.geometry import views_to_image
-    from flmm_demo.heads.training_free import attention_heatmap, threshold_mask
-
-    backend = grounder.backend
-    accumulator = IoUAccumulator(PROTOCOL)
-    for image, obj in objects:
-        picture = Image.open(image.path).convert("RGB")
-        target = image.mask(obj)
-        for expression in obj.expressions(PROTOCOL):
-            attention = backend.attend(picture, [], "", expression, template="flmm")
-            maps = attention.phrase_maps((0, len(attention.token_ids)))
-            heats = [attention_heatmap(m, num_heads=attention.num_heads)[None] for m in maps]
-            heat = views_to_image(heats, attention.views, attention.image_size)[0]
-            accumulator.add(threshold_mask(heat.numpy()), target)
-    return accumulator.scores()
-
-
 # ------------------------------------------------------------------ phrase grounding
 
 
@@ -221,7 +198,7 @@ def run(args: argparse.Namespace) -> dict:
         write_refer_dataset(data_dir, n_scenes, args.seed + offset, split, held_out=held_out)
         dataset = open_refer(data_dir, split)
         rows: dict[str, SegmentationScores] = {}
-        for mode, label in (("head", "U-Net head (trained)"), ("training_free", "training-free (Grounder)")):
+        for mode, label in (("head", "U-Net head (trained)"), ("training_free", "training-free")):
             start = time.time()
             config = EvalConfig(model=args.model, data=data_dir, split=split, protocol=PROTOCOL, refine=False,
                                 limit=args.limit, device="cpu")
@@ -231,9 +208,6 @@ def run(args: argparse.Namespace) -> dict:
             if mode == "head":
                 results["by_count"][name] = miou_by_object_count(result.per_expression, data_dir)
         objects = [(image, obj) for image in dataset for obj in image.objects][: args.limit]
-        start = time.time()
-        rows["training-free, channel-median reference"] = training_free_median_scores(grounder, objects)
-        timings[f"{name}: training-free, median"] = time.time() - start
         rows.update(reference_scores(objects, grid))
         results["segmentation"][name] = rows
 
@@ -288,11 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the tiny LMM folder")
     parser.add_argument("--head", default=DEFAULT_HEAD, help="its F-LMM head folder ('' for training-free only)")
     parser.add_argument("--seed", type=int, default=1000, help="held-out scenes: seed, seed+1 (crowded), +10.. (LMM)")
-    parser.add_argument("--scenes", type=int, default=10, help="regular held-out scenes for segmentation")
-    parser.add_argument("--crowded-scenes", type=int, default=4, help="crowded held-out scenes (6-7 shapes)")
+    parser.add_argument("--scenes", type=int, default=20, help="regular held-out scenes for segmentation")
+    parser.add_argument("--crowded-scenes", type=int, default=8, help="crowded held-out scenes (6-7 shapes)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N objects of each set")
     parser.add_argument("--lmm-scenes", type=int, default=64, help="scenes for the LMM's answer accuracy")
-    parser.add_argument("--phrase-scenes", type=int, default=16, help="scenes described and grounded")
+    parser.add_argument("--phrase-scenes", type=int, default=30, help="scenes described and grounded")
     parser.add_argument("--data-dir", help="keep the generated held-out datasets here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write every number here")

@@ -16,6 +16,7 @@ The whole flow of one grounding is `Session.ground`: attention of the answer (ba
 """
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -206,15 +207,50 @@ class Session:
 
     # ------------------------------------------------------------------- chat
     def stream_chat(self, question: str, *, max_new_tokens: int = 256) -> Iterator[str]:
-        """Yield the answer's text deltas; the finished turn is added to `history`."""
+        """Yield the answer's text deltas; the finished turn is added to `history`.
+
+        The model runs in a worker thread that holds the Grounder's lock for the whole
+        answer: a caller may advance this generator from different threads (Gradio
+        does), and a lock must be released by the thread that took it. Closing the
+        generator early stops the generation.
+        """
         question = check_question(question)
+        deltas: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        history = list(self.history)
+
+        def produce() -> None:
+            try:
+                with self.grounder.lock:
+                    stream = self.grounder.backend.stream_chat(
+                        self.model_image, history, question, max_new_tokens=max_new_tokens
+                    )
+                    try:
+                        for delta in stream:
+                            deltas.put(("delta", delta))
+                            if stop.is_set():
+                                break
+                    finally:
+                        stream.close()
+            except BaseException as error:  # re-raised in the caller's thread
+                deltas.put(("error", error))
+            else:
+                deltas.put(("done", None))
+
+        worker = threading.Thread(target=produce, daemon=True)
+        worker.start()
         pieces: list[str] = []
-        with self.grounder.lock:
-            for delta in self.grounder.backend.stream_chat(
-                self.model_image, self.history, question, max_new_tokens=max_new_tokens
-            ):
-                pieces.append(delta)
-                yield delta
+        try:
+            while True:
+                kind, value = deltas.get()
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    break
+                pieces.append(value)
+                yield value
+        finally:
+            stop.set()
         self.history.append(Turn(question, "".join(pieces).strip()))
 
     def chat(self, question: str, *, max_new_tokens: int = 256) -> str:

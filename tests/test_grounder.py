@@ -133,3 +133,25 @@ def test_training_free_expression_has_a_heat_map(backend):
     session = Grounder(backend).new_session(scene())
     g = session.ground_expression("the red mat", mode="training_free")
     assert g.heatmap.max() == pytest.approx(1.0) and g.mask.any()
+
+
+def test_a_stream_advanced_from_several_threads_and_closed_early(backend, head):
+    """Gradio advances generators on worker threads; an early close must free the model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grounder = Grounder(backend, head)
+    session = grounder.new_session(scene())
+    stream = session.stream_chat("What is in the picture?", max_new_tokens=8)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pieces = []
+        while True:
+            piece = pool.submit(next, stream, None).result()
+            if piece is None:
+                break
+            pieces.append(piece)
+    assert session.history[-1].assistant == "".join(pieces).strip()
+    early = session.stream_chat("Describe the image.", max_new_tokens=8)
+    next(early, None)
+    early.close()
+    assert len(session.history) == 1  # an abandoned answer is not a turn
+    assert session.chat("Describe the image.", max_new_tokens=4) is not None  # the lock was released
