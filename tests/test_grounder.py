@@ -155,3 +155,9 @@ def test_a_stream_advanced_from_several_threads_and_closed_early(backend, head):
     early.close()
     assert len(session.history) == 1  # an abandoned answer is not a turn
     assert session.chat("Describe the image.", max_new_tokens=4) is not None  # the lock was released
+
+
+def test_a_one_pixel_image_is_grounded_at_its_size(backend, head):
+    session = Grounder(backend, head).new_session(Image.new("RGB", (1, 1), (200, 30, 30)))
+    grounded = session.ground(ANSWER)
+    assert grounded and all(g.mask.shape == (1, 1) for g in grounded)
