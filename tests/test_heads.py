@@ -559,3 +559,14 @@ def test_predict_phrases_shares_the_dense_prompt_fill(official_head):
     # one phrase at a time: with its own minimum
     assert fills[2] == pytest.approx(min(-1.0, minima[higher]), abs=1e-5)
     assert torch.allclose(together[higher].unet_logits, alone.unet_logits, atol=1e-5)
+
+
+def test_a_head_stored_in_half_precision_loads_as_float32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    head = FlmmHead(FlmmHeadConfig(2, 4, 32, use_refiner=False))
+    head.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(weights)).items()}, str(weights))
+    loaded = FlmmHead.from_pretrained(tmp_path)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())

@@ -182,8 +182,12 @@ class FlmmHead(nn.Module):
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> FlmmHead:
-        """Load a head written by save_pretrained."""
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> FlmmHead:
+        """Load a head written by save_pretrained, computing in `dtype` (float32 by default:
+        weights may be stored in half precision to keep the file small, but half-precision
+        convolutions are slow on a CPU)."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
@@ -192,7 +196,8 @@ class FlmmHead(nn.Module):
                 "(for an official F-LMM .pth use flmm_demo.heads.load_official_flmm)"
             )
         config = FlmmHeadConfig(**json.loads(config_path.read_text()))
-        return cls.from_state_dict(config, load_file(str(directory / WEIGHTS_NAME))).to(device).eval()
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in load_file(str(directory / WEIGHTS_NAME)).items()}
+        return cls.from_state_dict(config, state).to(device).eval()
 
     @classmethod
     def from_state_dict(cls, config: FlmmHeadConfig, state: dict[str, torch.Tensor]) -> FlmmHead:
