@@ -40,7 +40,8 @@ MODES = ("auto", "head", "training_free")
 
 VCOT_HINT = "First think which object in this image is most relevant to the question."
 VCOT_LEAD = "The object most relevant to the question is"
-VCOT_REGION = "Here is the image region that might help you answer the question."
+VCOT_REGION = "The second image is the image region that might help you answer the question."
+VCOT_REGION_ALONE = "This is the image region that might help you answer the question."
 
 
 @dataclass(frozen=True)
@@ -332,8 +333,12 @@ class Session:
             box = enlarge_box(obj.box if obj is not None else None, self.image.size)
             crop = self.image.crop(box)
             crop_for_model, _ = fit_for_model(crop)
-            second_q = f"{VCOT_REGION} {question}"
-            answer = backend.chat(crop_for_model, self.history, second_q, max_new_tokens=max_new_tokens)
+            if backend.multi_image:  # the whole image and the crop, as F-LMM asks
+                answer = backend.chat(self.model_image, self.history, f"{VCOT_REGION} {question}",
+                                      max_new_tokens=max_new_tokens, extra_images=[crop_for_model])
+            else:
+                answer = backend.chat(crop_for_model, self.history, f"{VCOT_REGION_ALONE} {question}",
+                                      max_new_tokens=max_new_tokens)
         return VisualCoT(first, obj, box, crop, answer)
 
     def _full_size(self, g: GroundedPhrase) -> GroundedPhrase:

@@ -272,3 +272,21 @@ def test_square_input_follows_flmm_processor_so_the_head_crop_matches():
     assert box[0] == 0 and box[2] == pytest.approx(500)
     cropped = crop_to_image(torch.zeros(64, 64), box, (500, 333))
     assert cropped.shape == (42, 64)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "deepseek_vl"])
+def test_chat_can_show_an_extra_image(family):
+    """Visual chain of thought asks with the whole image and a crop: both reach the model."""
+    builders = {"llava": (LlavaBackend, tiny_llava), "llava_next": (LlavaNextBackend, tiny_llava_next),
+                "deepseek_vl": (DeepseekVLBackend, tiny_deepseek_vl)}
+    cls, build = builders[family]
+    backend = cls(*build())
+    image = _noise_image(60, 40)
+    crop = image.crop((0, 0, 20, 20))
+    one = backend.build_prompt(image, [], QUESTION, "chat")
+    two = backend.build_prompt(image, [], QUESTION, "chat", extra_images=[crop])
+    count = lambda p: int((p.inputs["input_ids"] == backend.image_token_id).sum())  # noqa: E731
+    assert count(two) > count(one) and two.views == []
+    assert isinstance(backend.chat(image, [], QUESTION, max_new_tokens=3, extra_images=[crop]), str)
+    with pytest.raises(ValueError, match="one image per prompt"):
+        backend.build_prompt(image, [], QUESTION, "flmm", extra_images=[crop])

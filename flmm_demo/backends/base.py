@@ -53,7 +53,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -144,6 +144,8 @@ class Backend:
     model_class: ClassVar[type[PreTrainedModel] | None] = None
     text_config_key: ClassVar[str] = "text_config"
     answer_prefix: ClassVar[str] = ""
+    # Whether chat() can show more than one image in a prompt (visual chain of thought).
+    multi_image: ClassVar[bool] = True
 
     def __init__(self, model: PreTrainedModel, processor: Any, *, grounding_prompt: str | None = None):
         self.model = model.eval()
@@ -187,8 +189,12 @@ class Backend:
     def image_views(self, inputs: dict[str, torch.Tensor], input_size: tuple[int, int]) -> list[ViewTokens]:
         raise NotImplementedError(f"{type(self).__name__} must implement image_views()")
 
-    def chat_text(self, history: list[Turn], question: str) -> str:
-        """The model's own chat template, up to and including the assistant prefix."""
+    def chat_text(self, history: list[Turn], question: str, extra_images: int = 0) -> str:
+        """The model's own chat template, up to and including the assistant prefix.
+
+        extra_images: placeholders for more images in the last question (after the
+        conversation's image, which opens the first one).
+        """
         if not getattr(self.processor, "chat_template", None):
             raise ValueError(
                 f"the {self.family} processor has no chat_template; load a chat checkpoint or set processor.chat_template"
@@ -198,6 +204,7 @@ class Backend:
             messages.append({"role": "user", "content": [{"type": "text", "text": turn.user}]})
             messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
         messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+        messages[-1]["content"][:0] = [{"type": "image"}] * extra_images
         messages[0]["content"].insert(0, {"type": "image"})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -222,15 +229,18 @@ class Backend:
 
     # ----------------------------------------------------------------- prompts
     def build_prompt(
-        self, image: Image.Image, history: list[Turn], question: str, template: str = "chat", answer_start: str = ""
+        self, image: Image.Image, history: list[Turn], question: str, template: str = "chat", answer_start: str = "",
+        extra_images: Sequence[Image.Image] = (),
     ) -> Prompt:
         """Tokenize the prompt (chat template or F-LMM's) with the image.
 
         answer_start: text put after the assistant prefix, for the model to continue
         (visual chain of thought, flmm.md section 8).
         """
+        if extra_images and not (template == "chat" and self.multi_image):
+            raise ValueError(f"the {self.family} backend takes one image per prompt here")
         if template == "chat":
-            text = self.chat_text(history, question)
+            text = self.chat_text(history, question, len(extra_images)) if extra_images else self.chat_text(history, question)
         elif template == "flmm":
             text = self.flmm_text()
         else:
@@ -238,7 +248,10 @@ class Backend:
         text += answer_start
         image = image.convert("RGB")
         processed, (ox, oy, sx, sy) = self.prepare_image(image, template)
-        inputs = self.processor(images=processed, text=text, return_tensors="pt", **self.processor_kwargs(template))
+        images = [processed] + [self.prepare_image(extra.convert("RGB"), template)[0] for extra in extra_images]
+        inputs = self.processor(
+            images=images if extra_images else processed, text=text, return_tensors="pt", **self.processor_kwargs(template)
+        )
         inputs = {k: v.to(self.model.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         if "attention_mask" not in inputs:
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
@@ -246,7 +259,8 @@ class Backend:
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         if not bool((inputs["input_ids"] == self.image_token_id).any()):
             raise ValueError("the prompt holds no image tokens; does the chat template put the image placeholder in?")
-        views = [
+        # With extra images the prompt is for chat only: no attention is read from it.
+        views = [] if extra_images else [
             ViewTokens(v.name, v.grid, (ox + sx * v.box[0], oy + sy * v.box[1], ox + sx * v.box[2], oy + sy * v.box[3]),
                        v.positions)
             for v in self.image_views(inputs, processed.size)
@@ -284,15 +298,18 @@ class Backend:
         *,
         max_new_tokens: int = 256,
         answer_start: str = "",
+        extra_images: Sequence[Image.Image] = (),
         **generate_kwargs: Any,
     ) -> str:
         """Answer `question` about `image` after `history` (greedy unless generate_kwargs say otherwise).
 
         answer_start: the answer's forced beginning; only the continuation is returned.
+        extra_images: more images shown with this question (families with multi_image).
         generate_kwargs go to transformers' generate (e.g. min_new_tokens, do_sample).
         """
         pieces = self.stream_chat(
-            image, history, question, max_new_tokens=max_new_tokens, answer_start=answer_start, **generate_kwargs
+            image, history, question, max_new_tokens=max_new_tokens, answer_start=answer_start,
+            extra_images=extra_images, **generate_kwargs,
         )
         return "".join(pieces)
 
@@ -304,10 +321,11 @@ class Backend:
         *,
         max_new_tokens: int = 256,
         answer_start: str = "",
+        extra_images: Sequence[Image.Image] = (),
         **generate_kwargs: Any,
     ) -> Iterator[str]:
         """Yield the answer's text deltas as they are generated (same arguments as chat)."""
-        prompt = self.build_prompt(image, history, question, "chat", answer_start)
+        prompt = self.build_prompt(image, history, question, "chat", answer_start, extra_images)
         prefix = self._prefilled(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = _StopFlag()

@@ -26,6 +26,7 @@ from flmm_demo.backends.llava import image_positions
 class Qwen2VLBackend(Backend):
     """Qwen2-VL: dynamic-resolution ViT, 2x2 patch merger, Qwen2 decoder with M-RoPE."""
 
+    multi_image = False  # not verified with several images: visual CoT asks with the crop alone
     family = "qwen2_vl"
     model_class = Qwen2VLForConditionalGeneration
 
