@@ -163,7 +163,7 @@ def build_grounder(model: str, head: str | None) -> Grounder:
     """The LMM and its head (float32 even when the weights are stored in float16:
     CPUs run float32 convolutions several times faster), no SAM."""
     backend = load_backend(model, device="cpu", dtype=torch.float32)
-    return Grounder(backend, load_head(head, backend).float() if head else None, None)
+    return Grounder(backend, load_head(head, backend) if head else None, None)
 
 
 def attention_grid(grounder: Grounder) -> int:
