@@ -6,7 +6,11 @@ demo (checkpoints/demo-shapes/) or the preset named by $FLMM_PRESET.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# A local demo sends nothing anywhere unless asked to (--share).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from flmm_demo.grounder import Grounder
 from flmm_demo.presets import MissingWeightsError
