@@ -310,7 +310,11 @@ class Session:
 
     def visual_cot(self, question: str, *, max_new_tokens: int = 256, mode: str = "auto",
                    refine: bool = True) -> VisualCoT:
-        """Ground the object most relevant to the question, crop it, and ask again (flmm.md 8)."""
+        """Ground the object most relevant to the question, crop it, and ask again (flmm.md 8).
+
+        The whole-image answer becomes the conversation's turn (so `ground()` grounds it
+        with the attention it was generated with); the crop answer is in the result.
+        """
         question = check_question(question)
         backend = self.grounder.backend
         with self.grounder.lock:
@@ -339,7 +343,10 @@ class Session:
             else:
                 answer = backend.chat(crop_for_model, self.history, f"{VCOT_REGION_ALONE} {question}",
                                       max_new_tokens=max_new_tokens)
-        return VisualCoT(first, obj, box, crop, answer)
+        # The conversation goes on from the whole-image answer; the probe and the crop
+        # question are steps of the chain, not turns the user had.
+        self.history.append(Turn(question, first.strip()))
+        return VisualCoT(first.strip(), obj, box, crop, answer.strip())
 
     def _full_size(self, g: GroundedPhrase) -> GroundedPhrase:
         """Scale a mask from the model image to the full-size image."""

@@ -500,10 +500,7 @@ class DemoApp:
             gr.Warning(f"The model could not answer: {err}")
             yield {self.question: question, self.chatbot: before, self.status: f"The model could not answer: {err}"}
             return
-        # Keep the conversation going with the final answer (if visual_cot did not record it).
-        if not session.history or session.history[-1] != Turn(question, cot.answer):
-            session.history.append(Turn(question, cot.answer))
-        chat[-1]["content"] = cot.answer
+        chat[-1]["content"] = cot.first_answer  # the conversation's turn; the crop answer is shown beside
         colour = render.palette(1)
         obj_img = (render.overlay(session.image, [cot.object.mask], colour, alpha) if cot.object is not None
                    else session.image)
@@ -514,7 +511,7 @@ class DemoApp:
                 f"**Answer with the crop:** {cot.answer}")
         yield {self.chatbot: chat, self.vcot_panel: gr.Column(visible=True), self.vcot_object: obj_img,
                self.vcot_crop: _enlarged(cot.crop), self.vcot_text: text, self.status: "Grounding the phrases of the answer…"}
-        yield self._ground_answer(state, cot.answer, mode, refine, alpha, show_heat)
+        yield self._ground_answer(state, cot.first_answer, mode, refine, alpha, show_heat)
 
     def on_clear(self, state: UIState) -> dict:
         if state.session is not None:

@@ -272,3 +272,21 @@ def test_two_browser_sessions_are_independent(browser, app_url):
     assert wb == make_scene(OTHER_SEED).size[0] and hb >= make_scene(OTHER_SEED).size[1]
     ctx_a.close()
     ctx_b.close()
+
+
+def test_visual_chain_of_thought_shows_object_crop_and_both_answers(browser, app_url, engine):
+    context, page = _open(browser, app_url)
+    image_path = ROOT / "assets" / f"shapes_{SCENE_SEED}.png"
+    _upload(page, image_path)
+    page.locator("#vcot input[type=checkbox]").check()
+    _ask(page, "What colour is the square?")
+    expected = engine.new_session(image_path).visual_cot("What colour is the square?", max_new_tokens=128)
+    panel = page.locator("#vcot-text").inner_text()
+    assert expected.first_answer in panel and expected.answer in panel
+    # The conversation holds the whole-image answer; its phrases are the grounded ones.
+    assert page.locator("#chatbot .bot").last.inner_text().strip() == expected.first_answer
+    x0, y0, x1, y1 = expected.crop_box
+    assert f"crop box ({x0}, {y0}, {x1}, {y1})" in panel
+    if os.environ.get("FLMM_SCREENSHOTS"):  # refreshes the README's screenshot
+        page.screenshot(path=str(ROOT / "docs" / "app_visual_cot.png"), full_page=True)
+    context.close()

@@ -125,7 +125,10 @@ def test_visual_chain_of_thought_crops_the_grounded_object(backend, head):
     if cot.object is not None and cot.object.box is not None:
         ox0, oy0, ox1, oy1 = cot.object.box  # the crop contains the grounded object
         assert x0 <= ox0 and y0 <= oy0 and ox1 <= x1 and oy1 <= y1
-    assert session.history == []  # the probe questions are not part of the conversation
+    # The whole-image answer is the turn; the probe and crop questions are not.
+    assert [t.user for t in session.history] == ["What colour is the mat?"]
+    assert session.history[-1].assistant == cot.first_answer
+    assert all(g.mask.shape == (96, 128) for g in session.ground())
 
 
 def test_training_free_expression_has_a_heat_map(backend):
