@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
-
-
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "phrase"
 
 
 def ground_images(args: argparse.Namespace) -> int:
     """Ground each image; a bad file is reported and skipped, the rest go on."""
     from .grounder import Grounder
     from .images import ImageError
-    from .render import export_coco_json, hex_colors, mask_to_rle, overlay, palette
+    from .render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
 
     grounder = Grounder.from_preset(args.model)
     out_dir = Path(args.out)
@@ -55,9 +51,7 @@ def ground_images(args: argparse.Namespace) -> int:
             "phrases": [],
         }
         for i, (g, color) in enumerate(zip(grounded, hex_colors(len(grounded)))):
-            mask_file = f"mask_{i:02d}_{_slug(g.phrase.text)}.png"
-            from PIL import Image
-
+            mask_file = mask_file_name(i, g.phrase.text)
             Image.fromarray(g.mask.astype("uint8") * 255).save(image_dir / mask_file)
             record["phrases"].append({
                 "text": g.phrase.text,

@@ -176,10 +176,15 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     return mask_utils.decode(encoded).astype(bool)
 
 
-def _slug(text: str, max_len: int = 40) -> str:
+def slug(text: str, max_len: int = 40) -> str:
     """A file-name-safe form of a phrase."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
     return slug[:max_len] or "phrase"
+
+
+def mask_file_name(index: int, phrase: str) -> str:
+    """`NN_<phrase>.png`: the one name a phrase's mask file gets (zip export, CLI)."""
+    return f"{index:02d}_{slug(phrase)}.png"
 
 
 def export_png_zip(image: Image.Image, grounded: Sequence[GroundedPhrase], path: str | Path) -> Path:
@@ -195,7 +200,7 @@ def export_png_zip(image: Image.Image, grounded: Sequence[GroundedPhrase], path:
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for i, (g, color) in enumerate(zip(grounded, colors)):
             mask = _check_mask(g.mask, image.size)
-            name = f"{i:02d}_{_slug(g.phrase.text)}.png"
+            name = mask_file_name(i, g.phrase.text)
             buf = io.BytesIO()
             Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
             zf.writestr(name, buf.getvalue())
