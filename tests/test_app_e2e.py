@@ -217,7 +217,9 @@ def test_ask_click_phrase_and_download(browser, app_url, engine, tmp_path):
     assert _shown_size(page) == (width, height)
     masked = _painted(_shown_image(page), scene.image.astype(np.float32), render.palette(len(texts))[index])
     mask = expected[index].mask
-    assert _iou(masked, mask) > 0.85, f"the mask shown for {texts[index]!r} is not the grounded mask"
+    # The screenshot's outermost pixels are resampled edges of the element, not the picture.
+    inner = (slice(2, -2), slice(2, -2))
+    assert _iou(masked[inner], mask[inner]) > 0.85, f"the mask shown for {texts[index]!r} is not the grounded mask"
     if target is not None:
         inside = masked[target.mask].mean()
         assert inside > 0.5, f"the mask of {texts[index]!r} covers only {inside:.0%} of the {target.phrase}"

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole run")
     p.add_argument("--scenes", type=int, default=3000, help="size of the pool of training scenes")
+    p.add_argument("--vision-share", type=float, default=0.3,
+                   help="fraction of the budget spent pre-training the vision tower on patch labels")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
 
     p = sub.add_parser("eval-lmm", help="exact-match accuracy on held-out scenes")
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train-lmm":
         from flmm_demo.demo_world.lmm import train
 
-        train(args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes)
+        train(args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
+              vision_share=args.vision_share)
     elif args.command == "eval-lmm":
         from flmm_demo.demo_world.lmm import evaluate
 
