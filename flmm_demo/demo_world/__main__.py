@@ -1,6 +1,6 @@
 """Commands of the demo world.
 
-    python -m flmm_demo.demo_world train-lmm --out checkpoints/demo-shapes/lmm --seed 0 --minutes 30
+    python -m flmm_demo.demo_world train-lmm --out checkpoints/demo-shapes/lmm --seed 0 --minutes 24 --vision-share 0.45
     python -m flmm_demo.demo_world eval-lmm --model checkpoints/demo-shapes/lmm [--held-out]
     python -m flmm_demo.demo_world write-refer --out data/demo-shapes --train 2000 --val 200
     python -m flmm_demo.demo_world show --seed 3 --out scene.png
@@ -13,13 +13,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from flmm_demo.demo_world import DEFAULT_LMM_DIR  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flmm_demo.demo_world")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train-lmm", help="train the tiny LLaVA from scratch on generated scenes")
-    p.add_argument("--out", default="checkpoints/demo-shapes/lmm")
+    p.add_argument("--out", default=DEFAULT_LMM_DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole run")
     p.add_argument("--scenes", type=int, default=3000, help="size of the pool of training scenes")
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
 
     p = sub.add_parser("eval-lmm", help="exact-match accuracy on held-out scenes")
-    p.add_argument("--model", default="checkpoints/demo-shapes/lmm")
+    p.add_argument("--model", default=DEFAULT_LMM_DIR)
     p.add_argument("--seed", type=int, default=777)
     p.add_argument("-n", type=int, default=100)
     p.add_argument("--held-out", action="store_true", help="crowded scenes of 6-7 shapes")
