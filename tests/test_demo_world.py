@@ -100,6 +100,88 @@ def test_referring_expressions_name_exactly_their_object():
     assert n_relational > 20
 
 
+def test_annotated_answers_spell_the_plain_text_and_point_at_the_named_objects():
+    from flmm_demo.demo_world.scenes import describe_segments, questions_and_answer_segments, text_of
+
+    relational = 0
+    for scene in scene_stream(7, 12):
+        objs = scene.objects
+        assert text_of(describe_segments(scene)) == describe(scene)
+        annotated = questions_and_answer_segments(scene, np.random.default_rng(1))
+        assert [(q, text_of(a)) for q, a in annotated] == questions_and_answers(scene, np.random.default_rng(1))
+        refs = referring_expressions(scene)
+        for question, segments in [("describe", describe_segments(scene))] + annotated:
+            for k, (text, mentioned, referent) in enumerate(segments):
+                if mentioned is None:
+                    assert referent is None
+                    continue
+                words = text.split()
+                assert objs[mentioned].shape in words or objs[mentioned].colour in words, (text, objs[mentioned])
+                if referent != mentioned:  # the anchor of "the X left of <anchor>"
+                    relational += 1
+                    expression = segments[k - 1][0] + text
+                    assert segments[k - 1][1:] == (referent, referent)
+                    assert expression in refs[referent]
+            if question.startswith("which shape is the ") and question not in (
+                    "which shape is the biggest?", "which shape is the smallest?"):
+                expression = question[len("which shape is "):-1]
+                named = [i for i, names in enumerate(refs) if expression in names]
+                assert len(named) == 1 and segments[0][2] == named[0], (question, segments)
+    assert relational > 0
+
+
+def test_annotated_encoding_marks_the_tokens_of_each_mention():
+    from flmm_demo.demo_world.lmm import encode_annotated_chat, encode_chat
+    from flmm_demo.demo_world.scenes import describe_segments
+    from flmm_demo.demo_world.tokenizer import build_processor
+
+    processor = build_processor(image_size=64, patch_size=8)
+    scene = make_scene(2)
+    turns = [("describe the image.", describe_segments(scene))]
+    ids, labels, mention, referent = encode_annotated_chat(processor, turns, n_image_tokens=64)
+    assert (ids, labels) == tuple(encode_chat(processor, [("describe the image.", describe(scene))], 64))
+    assert mention == referent and len(mention) == len(ids)
+    tok = processor.tokenizer
+    for k, obj in enumerate(scene.objects):
+        words = tok.convert_ids_to_tokens([t for t, m in zip(ids, mention) if m == k])
+        assert words == ["a"] + obj.phrase.split()
+    assert all(m == -1 for m, y in zip(mention, labels) if y == -100)
+
+
+def test_attention_loss_is_lowest_when_the_heads_look_at_the_named_object():
+    from flmm_demo.demo_world.lmm import MENTION_HEADS, REFERENT_HEADS, attention_loss
+    from flmm_demo.demo_world.tokenizer import IMAGE_TOKEN, build_processor
+
+    image_id = build_processor(64, 8).tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    T, layers, heads = 8, 4, 2
+    ids = torch.tensor([[2, image_id, image_id, image_id, image_id, 10, 11, 3]])
+    covers = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    mention = torch.tensor([[-1, -1, -1, -1, -1, 0, 1, -1]])  # token 5 names object 0, token 6 object 1
+    referent = torch.tensor([[-1, -1, -1, -1, -1, 0, 0, -1]])  # ... but both are about object 0
+    batch = {"input_ids": ids, "mention": mention, "referent": referent, "covers": covers}
+
+    def attentions(rows_for):
+        att = torch.full((1, heads, T, T), 1.0 / T)
+        for head in range(heads):
+            for t in (5, 6):
+                att[0, head, t] = 0.0
+                att[0, head, t, 1:5] = rows_for(head, t)
+        return tuple(att.clone() for _ in range(layers))
+
+    def named(head, t):
+        return int((mention if head == 0 else referent)[0, t])
+
+    right = attention_loss(attentions(lambda head, t: covers[0, named(head, t)]), batch, image_id)
+    wrong = attention_loss(attentions(lambda head, t: covers[0, 1 - named(head, t)]), batch, image_id)
+    uniform = attention_loss(attentions(lambda head, t: torch.full((4,), 0.25)), batch, image_id)
+    # Looking exactly at the target costs its entropy: log 2 for object 0, 0 for object 1.
+    # Mention heads average tokens 5 and 6 (log 2 / 2); referent heads see object 0 twice.
+    n_m, n_r = len(MENTION_HEADS), len(REFERENT_HEADS)
+    expected = (n_m * 0.5 + n_r * 1.0) / (n_m + n_r) * np.log(2)
+    assert abs(right.item() - expected) < 1e-4
+    assert right < uniform < wrong
+
+
 def test_refer_dataset_loads_with_consistent_ids(tmp_path):
     from pycocotools import mask as mask_utils
 

@@ -14,6 +14,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -104,3 +105,64 @@ def test_shipped_weights_reach_the_documented_ciou(tmp_path):
     assert result.scores.n >= 40
     documented = documented_head_ciou()
     assert result.scores.ciou >= documented - MARGIN, (result.scores, documented)
+
+
+# Scenes drawn here with plain PIL calls, independently of flmm_demo.demo_world.scenes:
+# other image sizes, flat or noisy backgrounds, hand-placed shapes, pure RGB colours.
+# (width, height, background, [(colour, shape, centre x, centre y, diameter)], {expression: object})
+# Every expression's mask must overlap its own shape most; their mean IoU must reach:
+DRAWN_MIN_MEAN_IOU = 0.65
+DRAWN = [
+    (300, 200, "flat", [("red", "circle", 80, 100, 70), ("blue", "square", 220, 90, 80)],
+     {"the red circle": 0, "the blue square": 1, "the square": 1}),
+    (200, 260, "noise", [("green", "triangle", 100, 70, 90), ("yellow", "circle", 70, 200, 60),
+                         ("purple", "square", 150, 190, 55)],
+     {"the green triangle": 0, "the yellow circle": 1, "the purple square": 2}),
+    (256, 256, "flat", [("cyan", "square", 70, 70, 60), ("red", "triangle", 180, 160, 100)],
+     {"the cyan square": 0, "the triangle": 1}),
+]
+RGB = {"red": (220, 30, 30), "yellow": (240, 210, 20), "green": (30, 170, 60), "cyan": (30, 200, 220),
+       "blue": (30, 60, 220), "purple": (150, 40, 190)}
+
+
+def drawn_scene(width, height, background, shapes):
+    """(PIL image, [(H, W) bool mask per shape]) drawn with PIL, later shapes on top."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(width * height)
+    base = np.full((height, width, 3), 150.0)
+    if background == "noise":
+        base += rng.normal(0, 12, size=base.shape)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    masks = []
+    for colour, shape, cx, cy, d in shapes:
+        layer = Image.new("L", (width, height), 0)
+        r = d / 2
+        for canvas, fill in ((draw, RGB[colour]), (ImageDraw.Draw(layer), 1)):
+            if shape == "circle":
+                canvas.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+            elif shape == "square":
+                canvas.rectangle([cx - 0.43 * d, cy - 0.43 * d, cx + 0.43 * d, cy + 0.43 * d], fill=fill)
+            else:
+                canvas.polygon([(cx, cy - r), (cx + 0.95 * r, cy + 0.72 * r), (cx - 0.95 * r, cy + 0.72 * r)], fill=fill)
+        mask = np.asarray(layer, dtype=bool)
+        masks = [m & ~mask for m in masks] + [mask]
+    return image, masks
+
+
+@pytest.mark.skipif(not _shipped(), reason="no shipped demo-shapes LMM and head")
+def test_shipped_weights_ground_expressions_in_scenes_drawn_outside_the_generator():
+    backend = load_backend(str(REPO / DEFAULT_LMM_DIR), device="cpu", dtype=torch.float32)
+    grounder = Grounder(backend, load_head(SHIPPED_HEAD, backend), None)
+    ious = []
+    for width, height, background, shapes, expressions in DRAWN:
+        image, masks = drawn_scene(width, height, background, shapes)
+        session = grounder.new_session(image)
+        for expression, target in expressions.items():
+            mask = session.ground_expression(expression, mode="head").mask
+            assert mask.shape == (height, width)
+            scores = [(mask & m).sum() / max(1, (mask | m).sum()) for m in masks]
+            assert int(np.argmax(scores)) == target, (expression, scores)
+            ious.append(scores[target])
+    assert np.mean(ious) >= DRAWN_MIN_MEAN_IOU, ious

@@ -1,6 +1,6 @@
 """Commands of the demo world.
 
-    python -m flmm_demo.demo_world train-lmm --out checkpoints/demo-shapes/lmm --seed 0 --minutes 24 --vision-share 0.45
+    python -m flmm_demo.demo_world train-lmm --out checkpoints/demo-shapes/lmm --seed 0 --minutes 50 --vision-share 0.4 --low-res-share 0.6
     python -m flmm_demo.demo_world eval-lmm --model checkpoints/demo-shapes/lmm [--held-out]
     python -m flmm_demo.demo_world write-refer --out data/demo-shapes --train 2000 --val 200
     python -m flmm_demo.demo_world show --seed 3 --out scene.png
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scenes", type=int, default=3000, help="size of the pool of training scenes")
     p.add_argument("--vision-share", type=float, default=0.3,
                    help="fraction of the budget spent pre-training the vision tower on patch labels")
+    p.add_argument("--low-res-share", type=float, default=0.0,
+                   help="fraction of the vision pre-training done on images of 2/3 the size (cheaper steps)")
+    p.add_argument("--attention-weight", type=float, default=1.0,
+                   help="weight of the loss that teaches a few heads to attend to the named object (0: off)")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
 
     p = sub.add_parser("eval-lmm", help="exact-match accuracy on held-out scenes")
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         from flmm_demo.demo_world.lmm import train
 
         train(args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
-              vision_share=args.vision_share)
+              vision_share=args.vision_share, attention_weight=args.attention_weight, low_res_share=args.low_res_share)
     elif args.command == "eval-lmm":
         from flmm_demo.demo_world.lmm import evaluate
 

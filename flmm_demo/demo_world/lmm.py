@@ -11,6 +11,14 @@ Training, in two stages:
 2. Chat training. The tower is frozen and its features of the scene pool cached; the
    projector and the Llama decoder are teacher-forced on conversations (description,
    questions, several turns); the loss covers the assistant's tokens only.
+   An auxiliary loss teaches a few attention heads to look where the words point:
+   while the answer names an object, MENTION_HEADS attend to the object the words
+   name and REFERENT_HEADS to the object the whole expression is about (in "the
+   triangle left of the blue square" both are the triangle until "the blue square",
+   whose words mention the square but still refer to the triangle). The target is the
+   object's share of each patch, normalised; the other heads learn freely. This is the
+   demo world's stand-in for the web-scale pre-training that gives real LMMs grounded
+   attention; the F-LMM head still reads all layers x heads and is trained as usual.
 """
 from __future__ import annotations
 
@@ -34,7 +42,7 @@ from flmm_demo.demo_world.tokenizer import IMAGE_TOKEN, build_processor
 class ModelSize:
     """Plain sizes of the tiny LLaVA. grid = image_size // patch_size tokens a side."""
 
-    image_size: int = 128
+    image_size: int = 192
     patch_size: int = 8
     vision_hidden: int = 128
     vision_layers: int = 4
@@ -51,6 +59,12 @@ class ModelSize:
 
 TINY = ModelSize(image_size=64, vision_hidden=64, vision_layers=2, vision_heads=2,
                  text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128)
+
+
+# (layer, head) pairs of the language model whose attention is supervised in stage 2,
+# layers counted from the last (-1); pairs a smaller model lacks are skipped.
+MENTION_HEADS: tuple[tuple[int, int], ...] = ((-3, 0), (-2, 0), (-1, 0))
+REFERENT_HEADS: tuple[tuple[int, int], ...] = ((-2, 1), (-1, 1))
 
 
 def build_config(size: ModelSize, vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
@@ -89,19 +103,18 @@ def build_model(size: ModelSize, seed: int = 0) -> tuple[LlavaForConditionalGene
 @dataclass
 class ScenePool:
     """Pre-processed scenes. pixels: (N, 3, S, S) float16; patch_labels: (N, 4, g, g) int64
-    with channels colour, shape, size, rank (0 = background, else 1 + index)."""
+    with channels colour, shape, size, rank (0 = background, else 1 + index);
+    covers[i]: (objects, g*g) float32, each object's share of each patch, rows summing to 1."""
 
     scenes: list[S.Scene]
     pixels: torch.Tensor
     patch_labels: torch.Tensor
+    covers: list[torch.Tensor]
 
 
-def patch_labels(scene: S.Scene, grid: int) -> np.ndarray:
-    """(4, grid, grid) labels of the patches of the padded-square image: colour, shape, size, rank.
-
-    A patch takes the object covering most of it, or background (0) when the
-    background covers more.
-    """
+def coverage(scene: S.Scene, grid: int) -> np.ndarray:
+    """(1 + objects, grid, grid): the fraction of each patch of the padded-square image
+    covered by the background (channel 0) and by each object."""
     w, h = scene.size
     side = max(w, h)
     left, top = (side - w) // 2, (side - h) // 2
@@ -112,7 +125,16 @@ def patch_labels(scene: S.Scene, grid: int) -> np.ndarray:
         frac = np.asarray(Image.fromarray(sq).resize((grid, grid), Image.BOX))
         cover.append(frac)
         cover[0] = cover[0] - frac
-    owner = np.argmax(np.stack(cover), axis=0)  # 0 background, k object k-1
+    return np.stack(cover)
+
+
+def patch_labels(scene: S.Scene, grid: int) -> np.ndarray:
+    """(4, grid, grid) labels of the patches of the padded-square image: colour, shape, size, rank.
+
+    A patch takes the object covering most of it, or background (0) when the
+    background covers more.
+    """
+    owner = np.argmax(coverage(scene, grid), axis=0)  # 0 background, k object k-1
     out = np.zeros((4, grid, grid), np.int64)
     for k, obj in enumerate(scene.objects, start=1):
         sel = owner == k
@@ -127,41 +149,73 @@ def make_pool(seed: int, n: int, processor: LlavaProcessor, grid: int, held_out:
     scenes = list(S.scene_stream(seed, n, held_out))
     pixels = torch.cat([processor.image_processor(s.pil(), return_tensors="pt").pixel_values for s in scenes])
     labels = torch.from_numpy(np.stack([patch_labels(s, grid) for s in scenes]))
-    return ScenePool(scenes, pixels.half(), labels)
+    covers = []
+    for s in scenes:
+        c = torch.from_numpy(coverage(s, grid)[1:]).flatten(1)
+        covers.append(c / c.sum(1, keepdim=True).clamp_min(1e-6))
+    return ScenePool(scenes, pixels.half(), labels, covers)
 
 
-def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image_tokens: int) -> tuple[list[int], list[int]]:
-    """Token ids of a chat as the chat template renders it (image in the first user turn),
-    and labels: the assistant's tokens and their </s>, -100 elsewhere."""
+def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str | list[S.Segment]]],
+                          n_image_tokens: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Token ids of a chat as the chat template renders it (image in the first user turn);
+    labels: the assistant's tokens and their </s>, -100 elsewhere; and, per token, the
+    object its words mention and the object they refer to (-1: none). An answer is a
+    string or a list of segments (text, mentioned, referent)."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    ids, labels = [tok.bos_token_id], [-100]
+    ids, labels, mention, referent = [tok.bos_token_id], [-100], [-1], [-1]
     for k, (user, assistant) in enumerate(turns):
         prompt = tok.encode("USER:", add_special_tokens=False)
         if k == 0:
             prompt += [image_id] * n_image_tokens
         prompt += tok.encode(user + " ASSISTANT:", add_special_tokens=False)
-        answer = tok.encode(assistant, add_special_tokens=False) + [tok.eos_token_id]
+        segments = [(assistant, None, None)] if isinstance(assistant, str) else assistant
+        answer, ment, ref = [], [], []
+        for text, m, r in segments:
+            piece = tok.encode(text, add_special_tokens=False)
+            answer += piece
+            ment += [-1 if m is None else m] * len(piece)
+            ref += [-1 if r is None else r] * len(piece)
+        answer.append(tok.eos_token_id)
         ids += prompt + answer
         labels += [-100] * len(prompt) + answer
-    return ids, labels
+        mention += [-1] * len(prompt) + ment + [-1]
+        referent += [-1] * len(prompt) + ref + [-1]
+    return ids, labels, mention, referent
+
+
+def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image_tokens: int) -> tuple[list[int], list[int]]:
+    """Token ids of a chat as the chat template renders it (image in the first user turn),
+    and labels: the assistant's tokens and their </s>, -100 elsewhere."""
+    return encode_annotated_chat(processor, turns, n_image_tokens)[:2]
 
 
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
                n_image_tokens: int, max_turns: int) -> dict[str, torch.Tensor]:
-    """Right-padded teacher-forcing batch: input_ids, attention_mask, labels (B, T), pixel_values."""
-    seqs = [encode_chat(processor, S.conversation(pool.scenes[i], rng, max_turns), n_image_tokens) for i in idx]
+    """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
+    referent (B, T); covers (B, max objects, g*g); pixel_values."""
+    seqs = [encode_annotated_chat(processor, S.annotated_conversation(pool.scenes[i], rng, max_turns), n_image_tokens)
+            for i in idx]
     T = max(len(s[0]) for s in seqs)
     pad = processor.tokenizer.pad_token_id
     ids = torch.full((len(idx), T), pad)
     labels = torch.full((len(idx), T), -100)
+    mention = torch.full((len(idx), T), -1)
+    referent = torch.full((len(idx), T), -1)
     mask = torch.zeros((len(idx), T), dtype=torch.long)
-    for b, (x, y) in enumerate(seqs):
+    for b, (x, y, m, r) in enumerate(seqs):
         ids[b, :len(x)] = torch.tensor(x)
         labels[b, :len(y)] = torch.tensor(y)
+        mention[b, :len(m)] = torch.tensor(m)
+        referent[b, :len(r)] = torch.tensor(r)
         mask[b, :len(x)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "pixel_values": pool.pixels[idx].float()}
+    n_obj = max(pool.covers[i].shape[0] for i in idx)
+    covers = torch.zeros(len(idx), n_obj, pool.covers[idx[0]].shape[1])
+    for b, i in enumerate(idx):
+        covers[b, :pool.covers[i].shape[0]] = pool.covers[i]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "mention": mention,
+            "referent": referent, "covers": covers, "pixel_values": pool.pixels[idx].float()}
 
 
 # ----------------------------------------------------------------------------- training
@@ -197,30 +251,58 @@ def _lr(step: int, progress: float, peak: float, warmup: int) -> float:
 
 
 def _vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, g*g, D) the vision tower's features of the layer LLaVA reads, CLS dropped."""
-    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    """(B, g*g, D) the vision tower's features of the layer LLaVA reads, CLS dropped. Pixels
+    smaller than the tower's image size use its position embeddings resized to their grid."""
+    smaller = pixels.shape[-1] != model.config.vision_config.image_size
+    out = model.model.vision_tower(pixels, output_hidden_states=True, interpolate_pos_encoding=smaller)
     return out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
 def _chat_logits(model: LlavaForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 features: torch.Tensor) -> torch.Tensor:
+                 features: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(B, T, V) logits, as LlavaForConditionalGeneration computes them, from cached
-    vision features (B, g*g, D) instead of pixels (the vision tower is frozen in stage 2)."""
+    vision features (B, g*g, D) instead of pixels (the vision tower is frozen in stage 2),
+    and every layer's attention weights (B, heads, T, T) (the language model runs eager)."""
     embeds = model.get_input_embeddings()(input_ids)
     image = model.model.multi_modal_projector(features)  # (B, g*g, hidden)
     is_image = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(is_image[..., None], image.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-    return model.lm_head(hidden)
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, output_attentions=True)
+    return model.lm_head(out.last_hidden_state), out.attentions
+
+
+def attention_loss(attentions: tuple[torch.Tensor, ...], batch: dict[str, torch.Tensor],
+                   image_token_id: int) -> torch.Tensor:
+    """Cross-entropy of the supervised heads' attention over the image tokens against
+    the named object's coverage, averaged over the annotated tokens and heads."""
+    ids = batch["input_ids"]
+    image_pos = (ids[0] == image_token_id).nonzero().squeeze(1)
+    losses = []
+    for key, heads in (("mention", MENTION_HEADS), ("referent", REFERENT_HEADS)):
+        b, t = (batch[key] >= 0).nonzero(as_tuple=True)
+        if not len(b):
+            continue
+        target = batch["covers"][b, batch[key][b, t]]  # (N, g*g)
+        for layer, head in heads:
+            if -layer > len(attentions) or head >= attentions[0].shape[1]:
+                continue
+            p = attentions[layer][b, head, t][:, image_pos]  # (N, g*g)
+            losses.append(-(target * torch.log(p.float() + 1e-6)).sum(-1).mean())
+    return torch.stack(losses).mean() if losses else ids.new_zeros((), dtype=torch.float32)
 
 
 def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool = False,
-          n_scenes: int = 3000, batch_size: int = 8, vision_share: float = 0.3, log=print) -> dict[str, float]:
+          n_scenes: int = 3000, batch_size: int = 8, vision_share: float = 0.3, attention_weight: float = 1.0,
+          low_res_share: float = 0.0, log=print) -> dict[str, float]:
     """Train the tiny LLaVA from scratch and save it (fp16 safetensors + processor) to out_dir.
 
-    vision_share of the time budget goes to vision pre-training; then the tower is frozen,
+    vision_share of the time budget goes to vision pre-training, the first low_res_share
+    of it on images of 2/3 the size (a coarser patch grid, so each step is cheaper and
+    shapes span fewer patches; the position embeddings are resized on the fly, as in
+    progressive-resizing ViT training); then the tower is frozen,
     its features of the scene pool cached, and the projector and the language model
-    learn the conversations. Returns the first and last losses and the minutes taken.
+    learn the conversations, with attention_weight x the attention loss (0 turns the
+    attention supervision off). Returns the first and last losses and the minutes taken.
     """
     torch.set_num_threads(2)
     size = TINY if tiny else ModelSize()
@@ -235,8 +317,17 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     rng = np.random.default_rng(seed)
     stats: dict[str, float] = {}
+    low = None
+    if low_res_share > 0:
+        low_size = size.image_size * 2 // 3 // size.patch_size * size.patch_size
+        low_processor = build_processor(low_size, size.patch_size)
+        low_grid = low_size // size.patch_size
+        low = (torch.cat([low_processor.image_processor(s.pil(), return_tensors="pt").pixel_values
+                          for s in pool.scenes]).half(),
+               torch.from_numpy(np.stack([patch_labels(s, low_grid) for s in pool.scenes])))
+        log(f"low-resolution copy of the pool: {low_size} px, {low_grid}x{low_grid} patches ({time.time() - t0:.0f}s)")
 
-    # Stage 1: the vision tower on per-patch labels.
+    # Stage 1: the vision tower on per-patch labels (first at low resolution when asked).
     heads = PatchHeads(size.vision_hidden)
     vparams = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(vparams, lr=2e-3, weight_decay=0.01)
@@ -245,7 +336,10 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     step = 0
     while step < v_steps and (time.time() < v_start + v_time or step < 2):
         idx = rng.integers(0, len(pool.scenes), 4 * batch_size).tolist()
-        loss, accs = heads(_vision_features(model, pool.pixels[idx].float()), pool.patch_labels[idx])
+        elapsed = step / v_steps if tiny else (time.time() - v_start) / v_time
+        in_low = low is not None and elapsed < low_res_share
+        pixels, labels = low if in_low else (pool.pixels, pool.patch_labels)
+        loss, accs = heads(_vision_features(model, pixels[idx].float()), labels[idx])
         progress = max(step / v_steps, (time.time() - v_start) / v_time)
         for g in opt.param_groups:
             g["lr"] = _lr(step, progress, 2e-3, min(50, v_steps // 3))
@@ -257,7 +351,8 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
         stats["vision_loss"] = loss.item()
         if step % 20 == 0:
             acc = " ".join(f"{n} {a:.2f}" for n, a in accs.items())
-            log(f"vision step {step} loss {loss.item():.3f} patch acc: {acc} ({time.time() - t0:.0f}s)")
+            res = "low-res " if in_low else ""
+            log(f"vision step {step} {res}loss {loss.item():.3f} patch acc: {acc} ({time.time() - t0:.0f}s)")
         step += 1
 
     model.model.vision_tower.requires_grad_(False).eval()
@@ -266,7 +361,9 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
                            for i in range(0, len(pool.scenes), 64)])
     log(f"cached vision features {tuple(feats.shape)} ({time.time() - t0:.0f}s)")
 
-    # Stage 2: projector + language model on conversations, teacher-forced.
+    # Stage 2: projector + language model on conversations, teacher-forced; eager
+    # attention so the supervised heads' weights are there to be trained.
+    model.model.language_model.config._attn_implementation = "eager"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     end = t0 + budget
@@ -275,9 +372,11 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     while step < c_steps and (time.time() + step_time < end or step < 2):
         idx = rng.integers(0, len(pool.scenes), batch_size).tolist()
         batch = chat_batch(processor, pool, idx, rng, n_img, max_turns=3)
-        logits = _chat_logits(model, batch["input_ids"], batch["attention_mask"], feats[idx].float())
+        logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], feats[idx].float())
         labels = batch["labels"]
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        chat_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        attn_loss = attention_loss(attentions, batch, model.config.image_token_id)
+        loss = chat_loss + attention_weight * attn_loss
         progress = max(step / c_steps, (time.time() - c_start) / max(1.0, end - c_start))
         for g in opt.param_groups:
             g["lr"] = _lr(step, progress, 1e-3, min(100, c_steps // 4))
@@ -286,10 +385,13 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step_time = (time.time() - c_start) / (step + 1)
-        stats.setdefault("first_chat_loss", loss.item())
-        stats["chat_loss"] = loss.item()
+        stats.setdefault("first_chat_loss", chat_loss.item())
+        stats.setdefault("first_attention_loss", attn_loss.item())
+        stats["chat_loss"] = chat_loss.item()
+        stats["attention_loss"] = attn_loss.item()
         if step % 20 == 0:
-            log(f"chat step {step} loss {loss.item():.3f} ({time.time() - t0:.0f}s, {step_time:.2f}s/step)")
+            log(f"chat step {step} loss {chat_loss.item():.3f} attention {attn_loss.item():.3f} "
+                f"({time.time() - t0:.0f}s, {step_time:.2f}s/step)")
         step += 1
     stats["minutes"] = (time.time() - t0) / 60
     model.requires_grad_(True)

@@ -224,17 +224,6 @@ def scene_stream(seed: int, n: int, held_out: bool = False) -> Iterator[Scene]:
 # ----------------------------------------------------------------------------- language
 
 
-def _join(phrases: list[str]) -> str:
-    if len(phrases) == 1:
-        return phrases[0]
-    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
-
-
-def describe(scene: Scene) -> str:
-    """'a red circle, a small blue square and a green triangle.' (left to right)."""
-    return _join([f"a {o.phrase}" for o in scene.objects]) + "."
-
-
 RELATIONS = ("left of", "right of", "above", "below")
 
 
@@ -263,8 +252,16 @@ def _attribute_candidates(obj: SceneObject) -> list[tuple[str, Callable[[SceneOb
     return out
 
 
-def referring_expressions(scene: Scene) -> list[list[str]]:
-    """For each object (left to right), the expressions that name it and nothing else.
+# A piece of an assistant's answer: (text, mentioned object, referent object). The two
+# indices (into scene.objects) say which object the words name and which object the
+# expression they belong to is about: in "the triangle left of the blue square" the
+# words "the blue square" mention the square but refer to the triangle. None: no object.
+Segment = tuple[str, "int | None", "int | None"]
+
+
+def _referring(scene: Scene) -> list[list[tuple[str, int | None, str]]]:
+    """For each object (left to right), (expression, anchor index or None, anchor's name):
+    the expressions that name it and nothing else.
 
     Attribute expressions ('the small red circle') come first, then relational ones
     ('the triangle left of the blue square') whose anchor is itself unique.
@@ -276,7 +273,7 @@ def referring_expressions(scene: Scene) -> list[list[str]]:
         unique_simple.append(names)
     out = []
     for i, obj in enumerate(objs):
-        names = list(unique_simple[i])
+        names: list[tuple[str, int | None, str]] = [(n, None, "") for n in unique_simple[i]]
         for anchor, anchor_names in enumerate(unique_simple):
             if anchor == i or not anchor_names:
                 continue
@@ -287,63 +284,128 @@ def referring_expressions(scene: Scene) -> list[list[str]]:
                 verdicts = [_relation(scene, rel, j, anchor) for j in same]
                 if None in verdicts or sum(bool(v) for v in verdicts) != 1:
                     continue
-                names.append(f"the {obj.shape} {rel} {anchor_names[0]}")
+                names.append((f"the {obj.shape} {rel} {anchor_names[0]}", anchor, anchor_names[0]))
         out.append(names)
     return out
 
 
-def questions_and_answers(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Unambiguous questions about the scene with their answers (shuffled)."""
+def referring_expressions(scene: Scene) -> list[list[str]]:
+    """For each object (left to right), the expressions that name it and nothing else.
+
+    Attribute expressions ('the small red circle') come first, then relational ones
+    ('the triangle left of the blue square') whose anchor is itself unique.
+    """
+    return [[name for name, _, _ in names] for names in _referring(scene)]
+
+
+def _expression_segments(i: int, name: str, anchor: int | None, anchor_name: str) -> list[Segment]:
+    """The words of a referring expression of object i: all refer to i; an anchor's
+    words mention the anchor."""
+    if anchor is None:
+        return [(name, i, i)]
+    head = name[: len(name) - len(anchor_name)]
+    return [(head, i, i), (anchor_name, anchor, i)]
+
+
+def _list_segments(indices: list[int], scene: Scene) -> list[Segment]:
+    """'a red circle, a blue square and a cross' with each 'a ...' mentioning its object."""
+    out: list[Segment] = []
+    for k, j in enumerate(indices):
+        if k:
+            out.append((", " if k < len(indices) - 1 else " and ", None, None))
+        out.append((f"a {scene.objects[j].phrase}", j, j))
+    return out
+
+
+def text_of(segments: list[Segment]) -> str:
+    return "".join(t for t, _, _ in segments)
+
+
+def describe_segments(scene: Scene) -> list[Segment]:
+    """The description, annotated: each 'a <phrase>' mentions its object."""
+    return _list_segments(list(range(len(scene.objects))), scene) + [(".", None, None)]
+
+
+def describe(scene: Scene) -> str:
+    """'a red circle, a small blue square and a green triangle.' (left to right)."""
+    return text_of(describe_segments(scene))
+
+
+def questions_and_answer_segments(scene: Scene, rng: np.random.Generator) -> list[tuple[str, list[Segment]]]:
+    """Unambiguous questions about the scene with their annotated answers (shuffled)."""
     objs = scene.objects
-    refs = referring_expressions(scene)
-    qa: list[tuple[str, str]] = []
+    refs = _referring(scene)
+    qa: list[tuple[str, list[Segment]]] = []
     n = len(objs)
-    qa.append(("how many shapes are there?", f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n != 1 else ''}."))
+    qa.append(("how many shapes are there?",
+               [(f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n != 1 else ''}.", None, None)]))
     for i, obj in enumerate(objs):
-        plain = [r for r in refs[i] if obj.colour not in r.split()]
+        plain = [r for r in refs[i] if obj.colour not in r[0].split()]
         if plain:
-            qa.append((f"what colour is {plain[0]}?", f"{plain[0]} is {obj.colour}."))
+            qa.append((f"what colour is {plain[0][0]}?",
+                       _expression_segments(i, *plain[0]) + [(f" is {obj.colour}.", None, None)]))
+        if refs[i]:
+            name = refs[i][int(rng.integers(0, len(refs[i])))]
+            qa.append((f"which shape is {name[0]}?",
+                       _expression_segments(i, *name) + [(" is ", None, None), (f"the {obj.phrase}", i, i),
+                                                         (".", None, None)]))
         for rel in RELATIONS:
             if not refs[i]:
                 break
             verdicts = [_relation(scene, rel, j, i) for j in range(n) if j != i]
             if None in verdicts:
                 continue
-            hits = [f"a {objs[j].phrase}" for j in range(n) if j != i and _relation(scene, rel, j, i)]
-            ans = _join(hits) + "." if hits else "nothing."
-            qa.append((f"what is {rel} {refs[i][0]}?", ans))
+            hits = [j for j in range(n) if j != i and _relation(scene, rel, j, i)]
+            ans = _list_segments(hits, scene) + [(".", None, None)] if hits else [("nothing.", None, None)]
+            qa.append((f"what is {rel} {refs[i][0][0]}?", ans))
     colours = [o.colour for o in objs]
-    for obj in objs:
+    for k, obj in enumerate(objs):
         if colours.count(obj.colour) == 1:
-            qa.append((f"what shape is the {obj.colour} one?", f"the {obj.colour} one is a {obj.shape}."))
-    by_size = sorted(objs, key=lambda o: o.diameter, reverse=True)
-    if n >= 2 and by_size[0].diameter >= 1.2 * by_size[1].diameter:
-        qa.append(("which shape is the biggest?", f"the {by_size[0].phrase}."))
-    if n >= 2 and by_size[-1].diameter * 1.2 <= by_size[-2].diameter:
-        qa.append(("which shape is the smallest?", f"the {by_size[-1].phrase}."))
+            qa.append((f"what shape is the {obj.colour} one?",
+                       [(f"the {obj.colour} one", k, k), (" is ", None, None), (f"a {obj.shape}", k, k),
+                        (".", None, None)]))
+    by_size = sorted(range(n), key=lambda k: objs[k].diameter, reverse=True)
+    if n >= 2 and objs[by_size[0]].diameter >= 1.2 * objs[by_size[1]].diameter:
+        k = by_size[0]
+        qa.append(("which shape is the biggest?", [(f"the {objs[k].phrase}", k, k), (".", None, None)]))
+    if n >= 2 and objs[by_size[-1]].diameter * 1.2 <= objs[by_size[-2]].diameter:
+        k = by_size[-1]
+        qa.append(("which shape is the smallest?", [(f"the {objs[k].phrase}", k, k), (".", None, None)]))
     colour = list(COLOURS)[int(rng.integers(0, len(COLOURS)))]
     shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
-    present = [o for o in objs if (o.colour, o.shape) == (colour, shape)]
+    present = [k for k, o in enumerate(objs) if (o.colour, o.shape) == (colour, shape)]
     if present:
-        qa.append((f"is there a {colour} {shape}?", f"yes, there is a {present[0].phrase}."))
+        k = present[0]
+        qa.append((f"is there a {colour} {shape}?",
+                   [("yes, there is ", None, None), (f"a {objs[k].phrase}", k, k), (".", None, None)]))
     else:
-        qa.append((f"is there a {colour} {shape}?", f"no, there is no {colour} {shape}."))
+        qa.append((f"is there a {colour} {shape}?", [(f"no, there is no {colour} {shape}.", None, None)]))
     order = rng.permutation(len(qa))
     return [qa[k] for k in order]
 
 
-def conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3) -> list[tuple[str, str]]:
-    """A chat of 1-max_turns (user, assistant) turns; most open with the description."""
-    turns: list[tuple[str, str]] = []
-    qa = questions_and_answers(scene, rng)
+def questions_and_answers(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Unambiguous questions about the scene with their answers (shuffled)."""
+    return [(q, text_of(a)) for q, a in questions_and_answer_segments(scene, rng)]
+
+
+def annotated_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3) -> list[tuple[str, list[Segment]]]:
+    """A chat of 1-max_turns (user, annotated answer) turns; most open with the description."""
+    turns: list[tuple[str, list[Segment]]] = []
+    qa = questions_and_answer_segments(scene, rng)
     n_turns = int(rng.integers(1, max_turns + 1))
     if rng.random() < 0.7:
-        turns.append((DESCRIBE_PROMPTS[int(rng.integers(0, len(DESCRIBE_PROMPTS)))], describe(scene)))
+        turns.append((DESCRIBE_PROMPTS[int(rng.integers(0, len(DESCRIBE_PROMPTS)))], describe_segments(scene)))
     for q in qa:
         if len(turns) >= n_turns:
             break
         turns.append(q)
     return turns
+
+
+def conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3) -> list[tuple[str, str]]:
+    """A chat of 1-max_turns (user, assistant) turns; most open with the description."""
+    return [(q, text_of(a)) for q, a in annotated_conversation(scene, rng, max_turns)]
 
 
 # ----------------------------------------------------------------------------- refer layout
