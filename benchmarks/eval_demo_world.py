@@ -192,13 +192,16 @@ def run(args: argparse.Namespace) -> dict:
     results["segmentation"], results["by_count"] = {}, {}
     for name, split, held_out, offset in SETS:
         n_scenes = args.scenes if not held_out else args.crowded_scenes
+        if n_scenes == 0:
+            continue
         data_dir = work / f"seed{args.seed + offset}-{split}-{n_scenes}"
         if data_dir.exists():  # write_refer_dataset appends: start clean
             shutil.rmtree(data_dir)
         write_refer_dataset(data_dir, n_scenes, args.seed + offset, split, held_out=held_out)
         dataset = open_refer(data_dir, split)
         rows: dict[str, SegmentationScores] = {}
-        for mode, label in (("head", "U-Net head (trained)"), ("training_free", "training-free")):
+        modes = (("head", "U-Net head (trained)"),) if args.head else ()
+        for mode, label in modes + (("training_free", "training-free"),):
             start = time.time()
             config = EvalConfig(model=args.model, data=data_dir, split=split, protocol=PROTOCOL, refine=False,
                                 limit=args.limit, device="cpu")
@@ -214,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
     start = time.time()
     scenes = list(scene_stream(args.seed + 20, args.phrase_scenes))
     modes = ("head", "training_free") if args.head else ("training_free",)
-    results["phrases"] = phrase_grounding(grounder, scenes, modes)
+    results["phrases"] = phrase_grounding(grounder, scenes, modes) if scenes else None
     timings["phrase grounding"] = time.time() - start
     results["timings_s"] = timings
     if args.data_dir is None:
@@ -237,6 +240,8 @@ def markdown(results: dict) -> str:
     for name, by_count in results["by_count"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} shapes {v:.3f}" for k, v in by_count.items()))
     p = results["phrases"]
+    if p is None:
+        p = {"descriptions": 0, "exact_descriptions": 0, "phrases": 0, "unmatched_phrases": 0, "scores": {}}
     lines += ["", "### Grounding the noun phrases of generated descriptions (regular scenes)", "",
               f"{p['descriptions']} scenes described ({p['exact_descriptions']} exactly right); "
               f"{p['phrases']} noun phrases, {p['unmatched_phrases']} naming no object of the scene (not scored).", "",

@@ -223,6 +223,13 @@ def test_ask_click_phrase_and_download(browser, app_url, engine, tmp_path):
     if target is not None:
         inside = masked[target.mask].mean()
         assert inside > 0.5, f"the mask of {texts[index]!r} covers only {inside:.0%} of the {target.phrase}"
+    if os.environ.get("FLMM_SCREENSHOTS"):  # refreshes the README's screenshots
+        page.screenshot(path=str(ROOT / "docs" / "app_grounded.png"), full_page=True)
+        page.locator("#show-heat input").check()
+        page.locator("#heat-view img").wait_for()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ROOT / "docs" / "app_phrase_heatmap.png"), full_page=True)
+        page.locator("#show-heat input").uncheck()
 
     with page.expect_download() as download:
         page.locator("#dl-zip").click()

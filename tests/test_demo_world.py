@@ -148,6 +148,32 @@ def test_annotated_encoding_marks_the_tokens_of_each_mention():
     assert all(m == -1 for m, y in zip(mention, labels) if y == -100)
 
 
+def test_grounding_turns_are_expressions_for_the_attention_loss_only():
+    from flmm_demo.demo_world.lmm import encode_annotated_chat
+    from flmm_demo.demo_world.scenes import DESCRIBE_PROMPTS, grounding_turn, text_of
+    from flmm_demo.demo_world.tokenizer import build_processor
+
+    processor = build_processor(image_size=64, patch_size=8)
+    rng = np.random.default_rng(0)
+    counts = set()
+    for scene in scene_stream(11, 12):
+        refs = referring_expressions(scene)
+        prompt, segments = grounding_turn(scene, rng)
+        assert prompt in DESCRIBE_PROMPTS
+        # Each comma-separated expression names exactly one object, and its words refer to it.
+        expressions = text_of(segments).split(", ")
+        counts.add(len(expressions))
+        referents = [r for _, _, r in segments if r is not None]
+        named = [next(i for i, names in enumerate(refs) if e in names) for e in expressions]
+        assert len(set(named)) == len(named) and set(referents) == set(named)
+        ids, labels, mention, referent = encode_annotated_chat(processor, [(prompt, segments)], 64, answer_loss=False)
+        assert set(labels) == {-100}  # no language-model loss on these answers
+        assert {r for r in referent if r >= 0} == set(named)
+        ids2, labels2, _, referent2 = encode_annotated_chat(processor, [(prompt, segments)], 64)
+        assert ids2 == ids and referent2 == referent and any(y != -100 for y in labels2)
+    assert len(counts) > 1
+
+
 def test_attention_loss_is_lowest_when_the_heads_look_at_the_named_object():
     from flmm_demo.demo_world.lmm import MENTION_HEADS, REFERENT_HEADS, attention_loss
     from flmm_demo.demo_world.tokenizer import IMAGE_TOKEN, build_processor
@@ -252,6 +278,16 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tmp_path):
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lmm")
     assert next(model.parameters()).dtype == torch.float32
     assert (tmp_path / "lmm" / "model.safetensors").stat().st_size < 2 * 2**20
+
+    # Continuing from it with grounding turns trains the language side only.
+    stats = train(tmp_path / "lmm2", seed=0, tiny=True, init=tmp_path / "lmm", ground_share=0.5, chat_lr=5e-4,
+                  log=lambda _: None)
+    assert "vision_loss" not in stats and stats["attention_loss"] < stats["first_attention_loss"]
+    model2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lmm2")
+    before, after = model.state_dict(), model2.state_dict()
+    tower = [k for k in before if "vision_tower" in k]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
 
 
 @pytest.mark.skipif(not (REPO / DEFAULT_LMM_DIR / "config.json").exists(), reason="no shipped checkpoint")

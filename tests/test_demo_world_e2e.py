@@ -82,6 +82,15 @@ def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tmp
         assert rows["oracle: ground-truth box"]["ciou"] > 0.5  # a filled box covers most of a shape
     assert set(table["lmm"]) == {"regular (2-5 shapes)", "crowded (6-7 shapes)"}
 
+    # The LMM alone (no head): training-free rows only; a set of 0 scenes is left out.
+    eval_demo_world.main([
+        "--model", str(tmp_path / "lmm"), "--head", "", "--scenes", "1", "--crowded-scenes", "0",
+        "--limit", "2", "--lmm-scenes", "1", "--phrase-scenes", "0", "--json", str(out),
+    ])
+    table = json.loads(out.read_text())
+    (rows,) = table["segmentation"].values()
+    assert "training-free" in rows and "U-Net head (trained)" not in rows and table["phrases"] is None
+
 
 def documented_head_ciou() -> float:
     """The U-Net head's cIoU on regular held-out scenes, as docs/demo_world_results.md states it."""

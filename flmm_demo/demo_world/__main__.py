@@ -1,6 +1,9 @@
 """Commands of the demo world.
 
-    python -m flmm_demo.demo_world train-lmm --out checkpoints/demo-shapes/lmm --seed 0 --minutes 50 --vision-share 0.4 --low-res-share 0.6
+    python -m flmm_demo.demo_world train-lmm --out runs/lmm-base --seed 0 --minutes 50 --vision-share 0.4 --low-res-share 0.6
+    python -m flmm_demo.demo_world train-lmm --init runs/lmm-base --out runs/lmm-ground --minutes 25 --ground-share 0.5 --chat-lr 5e-4
+    python -m flmm_demo.demo_world train-lmm --init runs/lmm-ground --out runs/lmm-ground2 --seed 1 --minutes 25 --ground-share 0.6 --chat-lr 5e-4
+    python -m flmm_demo.demo_world train-lmm --init runs/lmm-ground2 --out checkpoints/demo-shapes/lmm --seed 2 --minutes 20 --ground-share 0.6 --chat-lr 5e-4 --attention-weight 3
     python -m flmm_demo.demo_world eval-lmm --model checkpoints/demo-shapes/lmm [--held-out]
     python -m flmm_demo.demo_world write-refer --out data/demo-shapes --train 2000 --val 200
     python -m flmm_demo.demo_world show --seed 3 --out scene.png
@@ -20,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flmm_demo.demo_world")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train-lmm", help="train the tiny LLaVA from scratch on generated scenes")
+    p = sub.add_parser("train-lmm", help="train the tiny LLaVA on generated scenes (from scratch, or --init a saved one)")
     p.add_argument("--out", default=DEFAULT_LMM_DIR)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole run")
@@ -31,6 +34,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="fraction of the vision pre-training done on images of 2/3 the size (cheaper steps)")
     p.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the loss that teaches a few heads to attend to the named object (0: off)")
+    p.add_argument("--ground-share", type=float, default=0.0,
+                   help="share of chats that are referring expressions after a description prompt, "
+                        "seen by the attention loss only")
+    p.add_argument("--init", help="continue from this saved model (no vision stage: the whole budget is chat)")
+    p.add_argument("--chat-lr", type=float, default=1e-3, help="peak learning rate of the chat stage")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
 
     p = sub.add_parser("eval-lmm", help="exact-match accuracy on held-out scenes")
@@ -55,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         from flmm_demo.demo_world.lmm import train
 
         train(args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
-              vision_share=args.vision_share, attention_weight=args.attention_weight, low_res_share=args.low_res_share)
+              vision_share=args.vision_share, attention_weight=args.attention_weight, low_res_share=args.low_res_share,
+              ground_share=args.ground_share, init=args.init, chat_lr=args.chat_lr)
     elif args.command == "eval-lmm":
         from flmm_demo.demo_world.lmm import evaluate
 

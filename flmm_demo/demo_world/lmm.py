@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,11 +157,11 @@ def make_pool(seed: int, n: int, processor: LlavaProcessor, grid: int, held_out:
 
 
 def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str | list[S.Segment]]],
-                          n_image_tokens: int) -> tuple[list[int], list[int], list[int], list[int]]:
+                          n_image_tokens: int, answer_loss: bool = True) -> tuple[list[int], list[int], list[int], list[int]]:
     """Token ids of a chat as the chat template renders it (image in the first user turn);
-    labels: the assistant's tokens and their </s>, -100 elsewhere; and, per token, the
-    object its words mention and the object they refer to (-1: none). An answer is a
-    string or a list of segments (text, mentioned, referent)."""
+    labels: the assistant's tokens and their </s>, -100 elsewhere (everywhere when not
+    answer_loss); and, per token, the object its words mention and the object they refer
+    to (-1: none). An answer is a string or a list of segments (text, mentioned, referent)."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     ids, labels, mention, referent = [tok.bos_token_id], [-100], [-1], [-1]
@@ -179,7 +179,7 @@ def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str 
             ref += [-1 if r is None else r] * len(piece)
         answer.append(tok.eos_token_id)
         ids += prompt + answer
-        labels += [-100] * len(prompt) + answer
+        labels += [-100] * len(prompt) + (answer if answer_loss else [-100] * len(answer))
         mention += [-1] * len(prompt) + ment + [-1]
         referent += [-1] * len(prompt) + ref + [-1]
     return ids, labels, mention, referent
@@ -192,11 +192,19 @@ def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image
 
 
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
-               n_image_tokens: int, max_turns: int) -> dict[str, torch.Tensor]:
+               n_image_tokens: int, max_turns: int, ground_share: float = 0.0) -> dict[str, torch.Tensor]:
     """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
-    referent (B, T); covers (B, max objects, g*g); pixel_values."""
-    seqs = [encode_annotated_chat(processor, S.annotated_conversation(pool.scenes[i], rng, max_turns), n_image_tokens)
-            for i in idx]
+    referent (B, T); covers (B, max objects, g*g); pixel_values. Each chat is, with
+    probability ground_share, a grounding turn (a description prompt answered by referring
+    expressions) that only the attention loss sees, else a conversation."""
+    seqs = []
+    for i in idx:
+        if rng.random() < ground_share:
+            turn = S.grounding_turn(pool.scenes[i], rng)
+            seqs.append(encode_annotated_chat(processor, [turn], n_image_tokens, answer_loss=False))
+        else:
+            chat = S.annotated_conversation(pool.scenes[i], rng, max_turns)
+            seqs.append(encode_annotated_chat(processor, chat, n_image_tokens))
     T = max(len(s[0]) for s in seqs)
     pad = processor.tokenizer.pad_token_id
     ids = torch.full((len(idx), T), pad)
@@ -293,7 +301,8 @@ def attention_loss(attentions: tuple[torch.Tensor, ...], batch: dict[str, torch.
 
 def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool = False,
           n_scenes: int = 3000, batch_size: int = 8, vision_share: float = 0.3, attention_weight: float = 1.0,
-          low_res_share: float = 0.0, log=print) -> dict[str, float]:
+          low_res_share: float = 0.0, ground_share: float = 0.0, init: str | Path | None = None,
+          chat_lr: float = 1e-3, log=print) -> dict[str, float]:
     """Train the tiny LLaVA from scratch and save it (fp16 safetensors + processor) to out_dir.
 
     vision_share of the time budget goes to vision pre-training, the first low_res_share
@@ -302,11 +311,24 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     progressive-resizing ViT training); then the tower is frozen,
     its features of the scene pool cached, and the projector and the language model
     learn the conversations, with attention_weight x the attention loss (0 turns the
-    attention supervision off). Returns the first and last losses and the minutes taken.
+    attention supervision off). A share ground_share of the chats are grounding turns:
+    referring expressions teacher-forced after a description prompt, which only the
+    attention loss sees (the answers they would teach are wrong), so the supervised heads
+    follow the words rather than where a description usually goes next.
+
+    init: continue from a saved model instead: its tower stays as it is (no stage 1) and
+    stage 2 runs for the whole budget on the scene pool of seed + 100 (a new pool for a new seed).
+    Returns the first and last losses and the minutes taken.
     """
     torch.set_num_threads(2)
     size = TINY if tiny else ModelSize()
-    model, processor = build_model(size, seed)
+    if init is not None:
+        model, processor = load(init)
+        vc = model.config.vision_config
+        size = replace(size, image_size=vc.image_size, patch_size=vc.patch_size)
+        vision_share = 0.0
+    else:
+        model, processor = build_model(size, seed)
     model.config._attn_implementation = "sdpa"
     model.model.language_model.config._attn_implementation = "sdpa"
     n_img = size.grid ** 2
@@ -318,7 +340,7 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     rng = np.random.default_rng(seed)
     stats: dict[str, float] = {}
     low = None
-    if low_res_share > 0:
+    if low_res_share > 0 and init is None:
         low_size = size.image_size * 2 // 3 // size.patch_size * size.patch_size
         low_processor = build_processor(low_size, size.patch_size)
         low_grid = low_size // size.patch_size
@@ -332,9 +354,9 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     vparams = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(vparams, lr=2e-3, weight_decay=0.01)
     v_start, v_time = time.time(), vision_share * budget
-    v_steps = 6 if tiny else 1_000_000
+    v_steps = 0 if init is not None else 6 if tiny else 1_000_000
     step = 0
-    while step < v_steps and (time.time() < v_start + v_time or step < 2):
+    while step < v_steps and (time.time() < v_start + v_time or step < min(2, v_steps)):
         idx = rng.integers(0, len(pool.scenes), 4 * batch_size).tolist()
         elapsed = step / v_steps if tiny else (time.time() - v_start) / v_time
         in_low = low is not None and elapsed < low_res_share
@@ -371,15 +393,18 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     step, step_time, c_start = 0, 1.0, time.time()
     while step < c_steps and (time.time() + step_time < end or step < 2):
         idx = rng.integers(0, len(pool.scenes), batch_size).tolist()
-        batch = chat_batch(processor, pool, idx, rng, n_img, max_turns=3)
+        batch = chat_batch(processor, pool, idx, rng, n_img, max_turns=3, ground_share=ground_share)
         logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], feats[idx].float())
         labels = batch["labels"]
-        chat_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if (labels[:, 1:] != -100).any():
+            chat_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        else:  # every chat of the batch is a grounding turn
+            chat_loss = logits.new_zeros(())
         attn_loss = attention_loss(attentions, batch, model.config.image_token_id)
         loss = chat_loss + attention_weight * attn_loss
         progress = max(step / c_steps, (time.time() - c_start) / max(1.0, end - c_start))
         for g in opt.param_groups:
-            g["lr"] = _lr(step, progress, 1e-3, min(100, c_steps // 4))
+            g["lr"] = _lr(step, progress, chat_lr, min(100, c_steps // 4))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -403,6 +403,22 @@ def annotated_conversation(scene: Scene, rng: np.random.Generator, max_turns: in
     return turns
 
 
+def grounding_turn(scene: Scene, rng: np.random.Generator, max_expressions: int = 3) -> tuple[str, list[Segment]]:
+    """A description prompt answered by 1-max_expressions referring expressions of
+    different objects in random order ('the small red circle, the triangle left of the
+    blue square'): the text F-LMM's referring benchmark teacher-forces after its prompt.
+    Not a good answer, so it is meant for attention supervision only, never for the
+    language-model loss."""
+    refs = _referring(scene)
+    named = [i for i in rng.permutation(len(refs)) if refs[i]][:int(rng.integers(1, max_expressions + 1))]
+    segments: list[Segment] = []
+    for k, i in enumerate(named):
+        if k:
+            segments.append((", ", None, None))
+        segments += _expression_segments(int(i), *refs[i][int(rng.integers(0, len(refs[i])))])
+    return DESCRIBE_PROMPTS[int(rng.integers(0, len(DESCRIBE_PROMPTS)))], segments
+
+
 def conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3) -> list[tuple[str, str]]:
     """A chat of 1-max_turns (user, assistant) turns; most open with the description."""
     return [(q, text_of(a)) for q, a in annotated_conversation(scene, rng, max_turns)]
