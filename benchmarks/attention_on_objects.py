@@ -50,6 +50,8 @@ def measure(folder: str, seed: int, n_scenes: int) -> dict[str, dict[str, float]
     grid = vision.image_size // vision.patch_size
     pool = L.make_pool(seed, n_scenes, processor, grid)
     shares: dict[str, dict[str, list[float]]] = {}
+    all_heads = [(layer, head) for layer in range(model.config.text_config.num_hidden_layers)
+                 for head in range(model.config.text_config.num_attention_heads)]
     for k, scene in enumerate(pool.scenes):
         features = L._vision_features(model, pool.pixels[k:k + 1].float())
         on_object = torch.from_numpy(L.coverage(scene, grid)[1:]).flatten(1) > 0.5  # (objects, g*g)
@@ -67,13 +69,11 @@ def measure(folder: str, seed: int, n_scenes: int) -> dict[str, dict[str, float]
                     p = attentions[layer][0, head][tokens][:, image]
                     return ((p * cover).sum(-1) / p.sum(-1)).mean().item()
 
-                all_heads = [(layer, head) for layer in range(len(attentions)) for head in range(attentions[0].shape[1])]
-                row = shares.setdefault(kind, {"mention heads": [], "referent heads": [], "all heads": [], "n": []})
+                row = shares.setdefault(kind, {"mention heads": [], "referent heads": [], "all heads": []})
                 row["mention heads"].append(np.mean([share(*lh) for lh in L.MENTION_HEADS]))
                 row["referent heads"].append(np.mean([share(*lh) for lh in L.REFERENT_HEADS]))
                 row["all heads"].append(np.mean([share(*lh) for lh in all_heads]))
-                row["n"].append(1)
-    return {kind: {name: (float(np.mean(v)) if name != "n" else len(v)) for name, v in row.items()}
+    return {kind: {**{name: float(np.mean(v)) for name, v in row.items()}, "n": len(row["all heads"])}
             for kind, row in shares.items()}
 
 

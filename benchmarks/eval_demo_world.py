@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -59,6 +60,8 @@ DESCRIBE = "describe the image."
 PROTOCOL = "every"
 # (name, split, held_out, seed offset): regular scenes like training, crowded ones with more shapes.
 SETS = (("regular (2-5 shapes)", "val", False, 0), ("crowded (6-7 shapes)", "testB", True, 1))
+# Grounding modes and their row labels.
+LABELS = {"head": "U-Net head (trained)", "training_free": "training-free"}
 
 
 # ------------------------------------------------------------------ references from ground truth
@@ -175,7 +178,7 @@ def attention_grid(grounder: Grounder) -> int:
 def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     timings: dict[str, float] = {}
-    results: dict = {"command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "seed": args.seed}
+    results: dict = {"command": shlex.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "seed": args.seed}
 
     start = time.time()
     from flmm_demo.demo_world.lmm import evaluate as evaluate_lmm
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
     grid = attention_grid(grounder)
     work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="demo-world-eval-"))
     results["segmentation"], results["by_count"] = {}, {}
+    modes = ("head", "training_free") if args.head else ("training_free",)
     for name, split, held_out, offset in SETS:
         n_scenes = args.scenes if not held_out else args.crowded_scenes
         if n_scenes == 0:
@@ -200,8 +204,8 @@ def run(args: argparse.Namespace) -> dict:
         write_refer_dataset(data_dir, n_scenes, args.seed + offset, split, held_out=held_out)
         dataset = open_refer(data_dir, split)
         rows: dict[str, SegmentationScores] = {}
-        modes = (("head", "U-Net head (trained)"),) if args.head else ()
-        for mode, label in modes + (("training_free", "training-free"),):
+        for mode in modes:
+            label = LABELS[mode]
             start = time.time()
             config = EvalConfig(model=args.model, data=data_dir, split=split, protocol=PROTOCOL, refine=False,
                                 limit=args.limit, device="cpu")
@@ -216,7 +220,6 @@ def run(args: argparse.Namespace) -> dict:
 
     start = time.time()
     scenes = list(scene_stream(args.seed + 20, args.phrase_scenes))
-    modes = ("head", "training_free") if args.head else ("training_free",)
     results["phrases"] = phrase_grounding(grounder, scenes, modes) if scenes else None
     timings["phrase grounding"] = time.time() - start
     results["timings_s"] = timings
@@ -236,19 +239,19 @@ def markdown(results: dict) -> str:
     for name, rows in results["segmentation"].items():
         for label, s in rows.items():
             lines.append(f"| {name} | {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |")
-    lines += ["", "U-Net head, gIoU (mean IoU) by number of shapes in the scene:", ""]
+    if results["by_count"]:
+        lines += ["", "U-Net head, gIoU (mean IoU) by number of shapes in the scene:", ""]
     for name, by_count in results["by_count"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} shapes {v:.3f}" for k, v in by_count.items()))
     p = results["phrases"]
-    if p is None:
-        p = {"descriptions": 0, "exact_descriptions": 0, "phrases": 0, "unmatched_phrases": 0, "scores": {}}
-    lines += ["", "### Grounding the noun phrases of generated descriptions (regular scenes)", "",
-              f"{p['descriptions']} scenes described ({p['exact_descriptions']} exactly right); "
-              f"{p['phrases']} noun phrases, {p['unmatched_phrases']} naming no object of the scene (not scored).", "",
-              "| method | cIoU | mean IoU | n phrases |", "|---|---|---|---|"]
-    for mode, s in p["scores"].items():
-        label = "U-Net head (trained)" if mode == "head" else "training-free"
-        lines.append(f"| {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |" if s else f"| {label} | - | - | 0 |")
+    if p is not None:  # None: no scenes were described
+        lines += ["", "### Grounding the noun phrases of generated descriptions (regular scenes)", "",
+                  f"{p['descriptions']} scenes described ({p['exact_descriptions']} exactly right); "
+                  f"{p['phrases']} noun phrases, {p['unmatched_phrases']} naming no object of the scene (not scored).",
+                  "", "| method | cIoU | mean IoU | n phrases |", "|---|---|---|---|"]
+        for mode, s in p["scores"].items():
+            label = LABELS[mode]
+            lines.append(f"| {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |" if s else f"| {label} | - | - | 0 |")
     lines += ["", "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items()),
               "", f"Command: `python {results['command']}`"]
     return "\n".join(lines)

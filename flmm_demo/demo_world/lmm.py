@@ -326,7 +326,6 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
         model, processor = load(init)
         vc = model.config.vision_config
         size = replace(size, image_size=vc.image_size, patch_size=vc.patch_size)
-        vision_share = 0.0
     else:
         model, processor = build_model(size, seed)
     model.config._attn_implementation = "sdpa"
@@ -356,7 +355,7 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     v_start, v_time = time.time(), vision_share * budget
     v_steps = 0 if init is not None else 6 if tiny else 1_000_000
     step = 0
-    while step < v_steps and (time.time() < v_start + v_time or step < min(2, v_steps)):
+    while step < v_steps and (time.time() < v_start + v_time or step < 2):
         idx = rng.integers(0, len(pool.scenes), 4 * batch_size).tolist()
         elapsed = step / v_steps if tiny else (time.time() - v_start) / v_time
         in_low = low is not None and elapsed < low_res_share
