@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -275,7 +276,7 @@ class Backend:
         self._prefix = None  # free the old cache before building the new one
         with torch.no_grad():
             out = self.model(**self.prefill_inputs(prompt), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = out[_cache_name(self.model)]
         croppable = all(type(layer) is DynamicLayer for layer in cache.layers)
         self._prefix = _Prefix(prompt.key, cache, prompt.input_ids.shape[1] - 1, None if croppable else copy.deepcopy(cache))
         return self._prefix
@@ -337,7 +338,7 @@ class Backend:
                 with torch.no_grad():
                     result["ids"] = self.model.generate(
                         **self.cached_forward_inputs(prompt, prompt.input_ids[:, -1:]) | {"input_ids": prompt.input_ids},
-                        past_key_values=prefix.cache,
+                        **{_cache_name(self.model): prefix.cache},
                         max_new_tokens=max_new_tokens,
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([stop]),
@@ -401,7 +402,7 @@ class Backend:
             with torch.no_grad(), capture_attention(self._attention_modules, columns) as recorder:
                 out = self.model(
                     **self.cached_forward_inputs(prompt, new_ids),
-                    past_key_values=prefix.cache,
+                    **{_cache_name(self.model): prefix.cache},
                     use_cache=True,
                     output_hidden_states=True,
                     logits_to_keep=1,
@@ -475,6 +476,12 @@ def token_char_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[in
         if "\ufffd" not in decoded:
             decoded_before = decoded
     return spans
+
+
+def _cache_name(model: Any) -> str:
+    """What this transformers version calls the KV cache, in forward's arguments and its
+    output: 'cache' since it renamed 'past_key_values' (the old name warns, then goes)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _digest(inputs: dict[str, torch.Tensor]) -> str:
