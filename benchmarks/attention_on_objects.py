@@ -3,7 +3,7 @@
     python benchmarks/attention_on_objects.py                                   # shipped LMM, ~1 min
     python benchmarks/attention_on_objects.py --model runs/lmm-base checkpoints/demo-shapes/lmm
 
-For held-out scenes (--seed, default 1000; the LMM trained on seeds 100-102), two kinds of
+For held-out scenes (--seed, default 1000; the LMM trained on seeds 100-105), two kinds of
 text are teacher-forced and, for each token that names an object, the share of a head's
 attention over the image tokens that falls on patches mostly covered by that object
 (coverage > 0.5) is averaged:

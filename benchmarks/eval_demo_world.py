@@ -4,7 +4,7 @@
     python benchmarks/eval_demo_world.py --scenes 100 --crowded-scenes 40 --phrase-scenes 100   # tighter
 
 Everything is measured on scenes generated here from --seed (default 1000), a seed the
-shipped LMM (scenes of seed 100) and head (seed 1) never saw:
+shipped LMM (scenes of seeds 100-105) and head (seed 1) never saw:
 
 1. LMM answers (exact match): the description and one random question per scene
    (`flmm_demo.demo_world.lmm.evaluate`), on regular scenes (2-5 shapes) and crowded
@@ -15,7 +15,8 @@ shipped LMM (scenes of seed 100) and head (seed 1) never saw:
    references from the ground truth: the object's box filled in ("oracle box"), and the
    mask pooled to the LMM's patch grid and back, thresholded at 0.5 ("grid ceiling": the
    best a mask drawn in whole patches can do; "bilinear" upsamples the pooled coverage
-   before the threshold).
+   before the threshold). For the head and the training-free path the table also gives
+   the share of expressions whose mask has IoU > 0.5 with the object (the right shape).
 3. Phrase grounding of generated descriptions: the app's path (`Session.chat` then
    `Session.ground`, chat template, spaCy noun phrases); each phrase is scored against
    the object(s) of the scene whose name it is ("small red circle"); phrases that name
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
     grounder = build_grounder(args.model, args.head)
     grid = attention_grid(grounder)
     work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="demo-world-eval-"))
-    results["segmentation"], results["by_count"] = {}, {}
+    results["segmentation"], results["by_count"], results["right_object"] = {}, {}, {}
     modes = ("head", "training_free") if args.head else ("training_free",)
     for name, split, held_out, offset in SETS:
         n_scenes = args.scenes if not held_out else args.crowded_scenes
@@ -211,6 +212,9 @@ def run(args: argparse.Namespace) -> dict:
                                 limit=args.limit, device="cpu")
             result = evaluate(config, grounder=grounder, mode=mode)
             rows[label] = result.scores
+            # The share of expressions whose mask lands on the right shape (IoU > 0.5).
+            ious = [e["iou"] for e in result.per_expression]
+            results["right_object"].setdefault(name, {})[label] = sum(i > 0.5 for i in ious) / max(1, len(ious))
             timings[f"{name}: {label}"] = time.time() - start
             if mode == "head":
                 results["by_count"][name] = miou_by_object_count(result.per_expression, data_dir)
@@ -235,10 +239,12 @@ def markdown(results: dict) -> str:
     for name, r in results["lmm"].items():
         lines.append(f"| {name} | {r['description']:.2f} | {r['qa']:.2f} | {r['multi_turn_qa']:.2f} | {r['n']} |")
     lines += ["", "### Referring segmentation (every sentence of every object)", "",
-              "| scenes | method | cIoU | gIoU | n expressions |", "|---|---|---|---|---|"]
+              "| scenes | method | cIoU | gIoU | IoU > 0.5 | n expressions |", "|---|---|---|---|---|---|"]
     for name, rows in results["segmentation"].items():
         for label, s in rows.items():
-            lines.append(f"| {name} | {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |")
+            right = results["right_object"].get(name, {}).get(label)
+            hit = "-" if right is None else f"{right:.2f}"
+            lines.append(f"| {name} | {label} | {s.ciou:.3f} | {s.giou:.3f} | {hit} | {s.n} |")
     if results["by_count"]:
         lines += ["", "U-Net head, gIoU (mean IoU) by number of shapes in the scene:", ""]
     for name, by_count in results["by_count"].items():

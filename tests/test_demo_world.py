@@ -174,6 +174,31 @@ def test_grounding_turns_are_expressions_for_the_attention_loss_only():
     assert len(counts) > 1
 
 
+def test_grounding_chats_hold_several_turns_over_one_image():
+    from flmm_demo.demo_world.lmm import chat_batch, make_pool
+    from flmm_demo.demo_world.tokenizer import IMAGE_TOKEN, build_processor
+
+    processor = build_processor(image_size=64, patch_size=8)
+    tok = processor.tokenizer
+    pool = make_pool(21, 4, processor, grid=8)
+    batch = chat_batch(processor, pool, [0, 1, 2, 3], np.random.default_rng(0), 64, max_turns=3,
+                       ground_share=1.0, ground_turns=3)
+    assert (batch["labels"] == -100).all()  # grounding chats teach attention only
+    assistant = tok.encode("ASSISTANT:", add_special_tokens=False)
+    for b in range(4):
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+        assert ids.count(tok.convert_tokens_to_ids(IMAGE_TOKEN)) == 64  # the image once, in the first turn
+        starts = [t for t in range(len(ids)) if ids[t:t + len(assistant)] == assistant]
+        assert len(starts) == 3
+        # Every turn's answer names objects of this scene, each token pointing at one of them.
+        referents = batch["referent"][b]
+        n_objects = len(pool.scenes[b].objects)
+        for k, start in enumerate(starts):
+            end = starts[k + 1] if k + 1 < len(starts) else len(ids)
+            named = referents[start:end]
+            assert (named >= 0).any() and int(named.max()) < n_objects
+
+
 def test_attention_loss_is_lowest_when_the_heads_look_at_the_named_object():
     from flmm_demo.demo_world.lmm import MENTION_HEADS, REFERENT_HEADS, attention_loss
     from flmm_demo.demo_world.tokenizer import IMAGE_TOKEN, build_processor
@@ -280,7 +305,8 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tmp_path):
     assert (tmp_path / "lmm" / "model.safetensors").stat().st_size < 2 * 2**20
 
     # Continuing from it with grounding turns trains the language side only.
-    stats = train(tmp_path / "lmm2", seed=0, tiny=True, init=tmp_path / "lmm", ground_share=0.5, chat_lr=5e-4,
+    stats = train(tmp_path / "lmm2", seed=0, tiny=True, init=tmp_path / "lmm", ground_share=0.5, ground_turns=2,
+                  chat_lr=5e-4,
                   log=lambda _: None)
     assert "vision_loss" not in stats and stats["attention_loss"] < stats["first_attention_loss"]
     model2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lmm2")
@@ -288,6 +314,23 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tmp_path):
     tower = [k for k in before if "vision_tower" in k]
     assert tower and all(torch.equal(before[k], after[k]) for k in tower)
     assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+
+
+def test_a_new_rope_base_is_used_saved_and_loaded(tmp_path):
+    from flmm_demo.demo_world.lmm import TINY, build_model, load, save, set_rope_theta
+
+    model, processor = build_model(TINY, seed=0)
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14]])
+    before = model.model.language_model(input_ids=ids).last_hidden_state
+    slowest = model.model.language_model.rotary_emb.inv_freq[-1].item()
+    set_rope_theta(model, 1e6)
+    after = model.model.language_model(input_ids=ids).last_hidden_state
+    assert model.model.language_model.rotary_emb.inv_freq[-1].item() < slowest / 10  # slower rotations
+    assert not torch.allclose(before, after)  # positions now enter differently
+    save(model, processor, tmp_path / "lmm")
+    loaded, _ = load(tmp_path / "lmm")
+    assert loaded.config.text_config.rope_parameters["rope_theta"] == 1e6
+    assert torch.allclose(loaded.model.language_model(input_ids=ids).last_hidden_state, after, atol=1e-2)
 
 
 @pytest.mark.skipif(not (REPO / DEFAULT_LMM_DIR / "config.json").exists(), reason="no shipped checkpoint")
@@ -307,3 +350,33 @@ def test_shipped_checkpoint_describes_generated_scenes():
         assert text.startswith("a ") and text.endswith("."), text
         colours_right += scene.objects[0].colour in text.split()
     assert colours_right >= 3, texts
+
+
+def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
+    import argparse
+
+    from flmm_demo import train as head_train
+    from flmm_demo.demo_world import recipe
+    from flmm_demo.demo_world.__main__ import build_parser, rebuild
+
+    demo_parser = build_parser()
+    head_parser = argparse.ArgumentParser()
+    head_train.add_arguments(head_parser)
+    made: list[str] = []
+    for step in recipe.STEPS:
+        if step.module == "flmm_demo.demo_world":
+            args = demo_parser.parse_args(list(step.args))  # every flag is one the command takes
+            assert args.out == step.out
+            if getattr(args, "init", None):
+                assert args.init in made  # each round continues an earlier one
+        else:
+            assert step.args[0] == "train"
+            args = head_parser.parse_args(list(step.args[1:]))
+            assert args.model == recipe.FINAL_LMM and str(args.data) in made and str(args.out) == step.out
+        made.append(step.out)
+    assert recipe.FINAL_LMM in made and recipe.FINAL_HEAD.startswith(recipe.STEPS[-1].out)
+
+    rebuild(dry_run=True, root="/nonexistent")  # prints every command, runs none
+    printed = capsys.readouterr().out
+    assert all(step.command() in printed for step in recipe.STEPS)
+    assert printed.count("(to run)") == len(recipe.STEPS)

@@ -1,12 +1,13 @@
 """Commands of the demo world.
 
+    python -m flmm_demo.demo_world rebuild [--dry-run]     # the shipped weights, every step (about 4.5 h)
     python -m flmm_demo.demo_world train-lmm --out runs/lmm-base --seed 0 --minutes 50 --vision-share 0.4 --low-res-share 0.6
     python -m flmm_demo.demo_world train-lmm --init runs/lmm-base --out runs/lmm-ground --minutes 25 --ground-share 0.5 --chat-lr 5e-4
-    python -m flmm_demo.demo_world train-lmm --init runs/lmm-ground --out runs/lmm-ground2 --seed 1 --minutes 25 --ground-share 0.6 --chat-lr 5e-4
-    python -m flmm_demo.demo_world train-lmm --init runs/lmm-ground2 --out checkpoints/demo-shapes/lmm --seed 2 --minutes 20 --ground-share 0.6 --chat-lr 5e-4 --attention-weight 3
     python -m flmm_demo.demo_world eval-lmm --model checkpoints/demo-shapes/lmm [--held-out]
     python -m flmm_demo.demo_world write-refer --out data/demo-shapes --train 2000 --val 200
     python -m flmm_demo.demo_world show --seed 3 --out scene.png
+
+The steps of `rebuild` are in flmm_demo/demo_world/recipe.py.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from flmm_demo.demo_world import DEFAULT_LMM_DIR  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flmm_demo.demo_world")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -37,9 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ground-share", type=float, default=0.0,
                    help="share of chats that are referring expressions after a description prompt, "
                         "seen by the attention loss only")
+    p.add_argument("--ground-turns", type=int, default=1,
+                   help="turns (description prompt, 1-3 expressions) in each grounding chat")
     p.add_argument("--init", help="continue from this saved model (no vision stage: the whole budget is chat)")
     p.add_argument("--chat-lr", type=float, default=1e-3, help="peak learning rate of the chat stage")
+    p.add_argument("--rope-theta", type=float, help="a new RoPE base for the language model (default: keep it)")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
+
+    p = sub.add_parser("rebuild", help="remake the shipped LMM and head from the seeds (recipe.py), then install them")
+    p.add_argument("--dry-run", action="store_true", help="print the steps and stop")
+    p.add_argument("--no-install", action="store_true", help="leave checkpoints/ as it is")
 
     p = sub.add_parser("eval-lmm", help="exact-match accuracy on held-out scenes")
     p.add_argument("--model", default=DEFAULT_LMM_DIR)
@@ -58,13 +66,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="scene.png")
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.command == "train-lmm":
         from flmm_demo.demo_world.lmm import train
 
         train(args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
               vision_share=args.vision_share, attention_weight=args.attention_weight, low_res_share=args.low_res_share,
-              ground_share=args.ground_share, init=args.init, chat_lr=args.chat_lr)
+              ground_share=args.ground_share, ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr,
+              rope_theta=args.rope_theta)
+    elif args.command == "rebuild":
+        rebuild(dry_run=args.dry_run, install_weights=not args.no_install)
     elif args.command == "eval-lmm":
         from flmm_demo.demo_world.lmm import evaluate
 
@@ -89,6 +104,35 @@ def main(argv: list[str] | None = None) -> None:
             print("  refs:", "; ".join(names))
         for q, a in questions_and_answers(scene, np.random.default_rng(args.seed))[:6]:
             print(f"  Q: {q}  A: {a}")
+
+
+def rebuild(dry_run: bool = False, install_weights: bool = True, root: str = ".") -> None:
+    """Run the recipe's steps in order from the repository root; a step whose output is
+    already there is skipped, so an interrupted rebuild resumes where it stopped."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from flmm_demo.demo_world import recipe
+
+    base = Path(root)
+    for k, step in enumerate(recipe.STEPS, start=1):
+        state = "done, skipped" if recipe.done(step, base) else "to run"
+        print(f"[{k}/{len(recipe.STEPS)}] {step.why} ({state})\n    {step.command()}", flush=True)
+        if dry_run or recipe.done(step, base):
+            continue
+        saved = sys.argv
+        sys.argv = [step.module, *step.args]
+        try:
+            runpy.run_module(step.module, run_name="__main__", alter_sys=True)
+        except SystemExit as stop:  # a command's normal exit
+            if stop.code not in (None, 0):
+                raise
+        finally:
+            sys.argv = saved
+    if install_weights and not dry_run:
+        for f in recipe.install(base):
+            print(f"installed {f}")
 
 
 if __name__ == "__main__":

@@ -192,16 +192,19 @@ def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image
 
 
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
-               n_image_tokens: int, max_turns: int, ground_share: float = 0.0) -> dict[str, torch.Tensor]:
+               n_image_tokens: int, max_turns: int, ground_share: float = 0.0,
+               ground_turns: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
     referent (B, T); covers (B, max objects, g*g); pixel_values. Each chat is, with
-    probability ground_share, a grounding turn (a description prompt answered by referring
-    expressions) that only the attention loss sees, else a conversation."""
+    probability ground_share, ground_turns grounding turns (each a description prompt
+    answered by referring expressions) that only the attention loss sees, else a
+    conversation. Several grounding turns share one pass over the 576 image tokens, so
+    they multiply the supervised words of a step for a few more text tokens."""
     seqs = []
     for i in idx:
         if rng.random() < ground_share:
-            turn = S.grounding_turn(pool.scenes[i], rng)
-            seqs.append(encode_annotated_chat(processor, [turn], n_image_tokens, answer_loss=False))
+            turns = [S.grounding_turn(pool.scenes[i], rng) for _ in range(ground_turns)]
+            seqs.append(encode_annotated_chat(processor, turns, n_image_tokens, answer_loss=False))
         else:
             chat = S.annotated_conversation(pool.scenes[i], rng, max_turns)
             seqs.append(encode_annotated_chat(processor, chat, n_image_tokens))
@@ -299,10 +302,24 @@ def attention_loss(attentions: tuple[torch.Tensor, ...], batch: dict[str, torch.
     return torch.stack(losses).mean() if losses else ids.new_zeros((), dtype=torch.float32)
 
 
+def set_rope_theta(model: LlavaForConditionalGeneration, theta: float) -> None:
+    """Give the language model a new RoPE base, in its config (so it is saved) and in its
+    rotary embedding. With 32-dim heads and base 1e4 only the 3-4 slowest of the 16
+    rotary pairs turn less than half a radian across the 576 image tokens, and those are
+    the pairs the supervised heads use to match words to image tokens by content; a
+    larger base frees more of them (continuing a trained model on a new base is how
+    long-context LLMs are adapted, "adjusted base frequency")."""
+    text = model.config.text_config
+    text.rope_parameters = {**text.rope_parameters, "rope_theta": float(theta)}
+    language = model.model.language_model
+    language.rotary_emb = type(language.rotary_emb)(config=text).to(next(language.parameters()).device)
+
+
 def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool = False,
           n_scenes: int = 3000, batch_size: int = 8, vision_share: float = 0.3, attention_weight: float = 1.0,
-          low_res_share: float = 0.0, ground_share: float = 0.0, init: str | Path | None = None,
-          chat_lr: float = 1e-3, log=print) -> dict[str, float]:
+          low_res_share: float = 0.0, ground_share: float = 0.0, ground_turns: int = 1,
+          init: str | Path | None = None, chat_lr: float = 1e-3, rope_theta: float | None = None,
+          log=print) -> dict[str, float]:
     """Train the tiny LLaVA from scratch and save it (fp16 safetensors + processor) to out_dir.
 
     vision_share of the time budget goes to vision pre-training, the first low_res_share
@@ -314,10 +331,12 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     attention supervision off). A share ground_share of the chats are grounding turns:
     referring expressions teacher-forced after a description prompt, which only the
     attention loss sees (the answers they would teach are wrong), so the supervised heads
-    follow the words rather than where a description usually goes next.
+    follow the words rather than where a description usually goes next; each such chat
+    has ground_turns turns.
 
     init: continue from a saved model instead: its tower stays as it is (no stage 1) and
     stage 2 runs for the whole budget on the scene pool of seed + 100 (a new pool for a new seed).
+    rope_theta: a new RoPE base for the language model (see set_rope_theta).
     Returns the first and last losses and the minutes taken.
     """
     torch.set_num_threads(2)
@@ -328,6 +347,8 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
         size = replace(size, image_size=vc.image_size, patch_size=vc.patch_size)
     else:
         model, processor = build_model(size, seed)
+    if rope_theta is not None:
+        set_rope_theta(model, rope_theta)
     model.config._attn_implementation = "sdpa"
     model.model.language_model.config._attn_implementation = "sdpa"
     n_img = size.grid ** 2
@@ -392,7 +413,8 @@ def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool 
     step, step_time, c_start = 0, 1.0, time.time()
     while step < c_steps and (time.time() + step_time < end or step < 2):
         idx = rng.integers(0, len(pool.scenes), batch_size).tolist()
-        batch = chat_batch(processor, pool, idx, rng, n_img, max_turns=3, ground_share=ground_share)
+        batch = chat_batch(processor, pool, idx, rng, n_img, max_turns=3, ground_share=ground_share,
+                           ground_turns=ground_turns)
         logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], feats[idx].float())
         labels = batch["labels"]
         if (labels[:, 1:] != -100).any():
@@ -439,6 +461,12 @@ def save(model: LlavaForConditionalGeneration, processor: LlavaProcessor, out_di
             part["dtype"] = "float32"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     processor.save_pretrained(out)
+    # A processor loaded from a folder records how it was loaded; that is not part of the model.
+    tok_path = out / "tokenizer_config.json"
+    tok_config = json.loads(tok_path.read_text())
+    dropped = [tok_config.pop(k) for k in ("is_local", "local_files_only") if k in tok_config]
+    if dropped:
+        tok_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
 
 
 def load(folder: str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:

@@ -1,0 +1,82 @@
+"""How the shipped demo-shapes weights were made, as data: one place for the commands.
+
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 4.5 hours on an
+idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
+wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
+round and lands near the documented figures, not on the same bytes.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from flmm_demo.demo_world import DEFAULT_LMM_DIR
+
+HEAD_DIR = "checkpoints/demo-shapes/head"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of the recipe: `python -m <module> <args...>`; `out` is the folder it fills."""
+
+    module: str
+    args: tuple[str, ...]
+    out: str
+    why: str
+
+    def command(self) -> str:
+        return " ".join(["python", "-m", self.module, *self.args])
+
+
+def _round(out: str, why: str, *args: str) -> Step:
+    return Step("flmm_demo.demo_world", ("train-lmm", "--out", out, *args), out, why)
+
+
+GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
+
+STEPS: tuple[Step, ...] = (
+    _round("runs/lmm-base", "from scratch: vision tower on patch labels (40%, first at 128 px), then chat",
+           "--seed", "0", "--minutes", "50", "--scenes", "3000", "--vision-share", "0.4", "--low-res-share", "0.6"),
+    _round("runs/lmm-ground", "grounding turns: expressions after a description prompt, attention loss only",
+           "--init", "runs/lmm-base", "--seed", "0", "--minutes", "25", "--ground-share", "0.5", "--chat-lr", "5e-4"),
+    _round("runs/lmm-ground2", "a second round on a new scene pool",
+           "--init", "runs/lmm-ground", "--seed", "1", "--minutes", "25", "--ground-share", "0.6", "--chat-lr", "5e-4"),
+    _round("runs/lmm-ground3", "attention loss x3",
+           "--init", "runs/lmm-ground2", "--seed", "2", "--minutes", "20", "--ground-share", "0.6", "--chat-lr", "5e-4",
+           "--attention-weight", "3"),
+    _round("runs/lmm-dense", "6 grounding turns per grounding chat (6x the supervised words per step)",
+           "--init", "runs/lmm-ground3", "--seed", "3", "--minutes", "30", "--chat-lr", "5e-4", *GROUND),
+    _round("runs/lmm-rope", "RoPE base 1e4 -> 1e6: more rotary pairs free to match words to image tokens",
+           "--init", "runs/lmm-dense", "--seed", "4", "--minutes", "30", "--chat-lr", "1e-3", "--rope-theta", "1e6",
+           *GROUND),
+    _round("runs/lmm-rope2", "a second round on the new base",
+           "--init", "runs/lmm-rope", "--seed", "5", "--minutes", "25", "--chat-lr", "1e-3", *GROUND),
+    Step("flmm_demo.demo_world", ("write-refer", "--out", "data/demo-shapes-train", "--seed", "1", "--train", "600",
+                                  "--val", "0"),
+         "data/demo-shapes-train", "the head's training scenes: 600 scenes of 2-5 shapes, RefCOCO layout"),
+    Step("flmm_demo", ("train", "--model", "runs/lmm-rope2", "--data", "data/demo-shapes-train",
+                       "--out", "runs/demo-shapes-head", "--epochs", "3", "--lr", "1e-3", "--log-every", "150",
+                       "--checkpoint-every", "600", "--head-dtype", "float16"),
+         "runs/demo-shapes-head", "the F-LMM head (U-Net only), by the same train command as for any LMM"),
+)
+FINAL_LMM = "runs/lmm-rope2"
+FINAL_HEAD = "runs/demo-shapes-head/head"
+
+
+def done(step: Step, root: Path) -> bool:
+    """Whether a step's output is already there (a rebuild resumes after the last done step)."""
+    out = root / step.out
+    marker = {"train-lmm": "model.safetensors", "write-refer": "instances.json", "train": "head/model.safetensors"}
+    return (out / marker[step.args[0]]).exists()
+
+
+def install(root: Path) -> list[Path]:
+    """Copy the final LMM and head into checkpoints/ (what the app loads). Returns the files."""
+    copied = []
+    for src, dst in ((root / FINAL_LMM, root / DEFAULT_LMM_DIR), (root / FINAL_HEAD, root / HEAD_DIR)):
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in sorted(src.iterdir()):
+            if f.is_file() and (f.suffix in (".json", ".safetensors", ".jinja")):
+                copied.append(Path(shutil.copy2(f, dst / f.name)))
+    return copied
