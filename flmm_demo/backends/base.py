@@ -150,6 +150,7 @@ class Backend:
 
     def __init__(self, model: PreTrainedModel, processor: Any, *, grounding_prompt: str | None = None):
         self.model = model.eval()
+        self._cache_kwarg = _cache_name(model)  # the KV cache's name in forward/generate and outputs
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.grounding_prompt = grounding_prompt or DEFAULT_GROUNDING_PROMPT
@@ -276,7 +277,7 @@ class Backend:
         self._prefix = None  # free the old cache before building the new one
         with torch.no_grad():
             out = self.model(**self.prefill_inputs(prompt), use_cache=True, logits_to_keep=1)
-        cache = out[_cache_name(self.model)]
+        cache = out[self._cache_kwarg]
         croppable = all(type(layer) is DynamicLayer for layer in cache.layers)
         self._prefix = _Prefix(prompt.key, cache, prompt.input_ids.shape[1] - 1, None if croppable else copy.deepcopy(cache))
         return self._prefix
@@ -338,7 +339,7 @@ class Backend:
                 with torch.no_grad():
                     result["ids"] = self.model.generate(
                         **self.cached_forward_inputs(prompt, prompt.input_ids[:, -1:]) | {"input_ids": prompt.input_ids},
-                        **{_cache_name(self.model): prefix.cache},
+                        **{self._cache_kwarg: prefix.cache},
                         max_new_tokens=max_new_tokens,
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([stop]),
@@ -402,7 +403,7 @@ class Backend:
             with torch.no_grad(), capture_attention(self._attention_modules, columns) as recorder:
                 out = self.model(
                     **self.cached_forward_inputs(prompt, new_ids),
-                    **{_cache_name(self.model): prefix.cache},
+                    **{self._cache_kwarg: prefix.cache},
                     use_cache=True,
                     output_hidden_states=True,
                     logits_to_keep=1,

@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def rebuild(dry_run: bool = False, install_weights: bool = True, root: str = ".") -> None:
-    """Run the recipe's steps in order from the repository root; a step whose output is
-    already there is skipped, so an interrupted rebuild resumes where it stopped."""
-    import runpy
+    """Run the recipe's steps in order in `root` (the repository), each as its own process;
+    a step whose output is already there is skipped, so an interrupted rebuild resumes
+    where it stopped."""
+    import subprocess
     import sys
     from pathlib import Path
 
@@ -117,19 +118,11 @@ def rebuild(dry_run: bool = False, install_weights: bool = True, root: str = "."
 
     base = Path(root)
     for k, step in enumerate(recipe.STEPS, start=1):
-        state = "done, skipped" if recipe.done(step, base) else "to run"
-        print(f"[{k}/{len(recipe.STEPS)}] {step.why} ({state})\n    {step.command()}", flush=True)
-        if dry_run or recipe.done(step, base):
-            continue
-        saved = sys.argv
-        sys.argv = [step.module, *step.args]
-        try:
-            runpy.run_module(step.module, run_name="__main__", alter_sys=True)
-        except SystemExit as stop:  # a command's normal exit
-            if stop.code not in (None, 0):
-                raise
-        finally:
-            sys.argv = saved
+        skip = recipe.done(step, base)
+        print(f"[{k}/{len(recipe.STEPS)}] {step.why} ({'done, skipped' if skip else 'to run'})\n    {step.command()}",
+              flush=True)
+        if not (dry_run or skip):
+            subprocess.run([sys.executable, "-m", step.module, *step.args], cwd=base, check=True)
     if install_weights and not dry_run:
         for f in recipe.install(base):
             print(f"installed {f}")

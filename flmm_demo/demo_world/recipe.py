@@ -33,6 +33,11 @@ def _round(out: str, why: str, *args: str) -> Step:
     return Step("flmm_demo.demo_world", ("train-lmm", "--out", out, *args), out, why)
 
 
+FINAL_LMM = "runs/lmm-rope2"  # the last round's folder: the LMM that ships
+HEAD_DATA = "data/demo-shapes-train"
+HEAD_RUN = "runs/demo-shapes-head"
+FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
+
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
 
 STEPS: tuple[Step, ...] = (
@@ -50,18 +55,16 @@ STEPS: tuple[Step, ...] = (
     _round("runs/lmm-rope", "RoPE base 1e4 -> 1e6: more rotary pairs free to match words to image tokens",
            "--init", "runs/lmm-dense", "--seed", "4", "--minutes", "30", "--chat-lr", "1e-3", "--rope-theta", "1e6",
            *GROUND),
-    _round("runs/lmm-rope2", "a second round on the new base",
+    _round(FINAL_LMM, "a second round on the new base",
            "--init", "runs/lmm-rope", "--seed", "5", "--minutes", "25", "--chat-lr", "1e-3", *GROUND),
-    Step("flmm_demo.demo_world", ("write-refer", "--out", "data/demo-shapes-train", "--seed", "1", "--train", "600",
+    Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0"),
-         "data/demo-shapes-train", "the head's training scenes: 600 scenes of 2-5 shapes, RefCOCO layout"),
-    Step("flmm_demo", ("train", "--model", "runs/lmm-rope2", "--data", "data/demo-shapes-train",
-                       "--out", "runs/demo-shapes-head", "--epochs", "3", "--lr", "1e-3", "--log-every", "150",
+         HEAD_DATA, "the head's training scenes: 600 scenes of 2-5 shapes, RefCOCO layout"),
+    Step("flmm_demo", ("train", "--model", FINAL_LMM, "--data", HEAD_DATA,
+                       "--out", HEAD_RUN, "--epochs", "3", "--lr", "1e-3", "--log-every", "150",
                        "--checkpoint-every", "600", "--head-dtype", "float16"),
-         "runs/demo-shapes-head", "the F-LMM head (U-Net only), by the same train command as for any LMM"),
+         HEAD_RUN, "the F-LMM head (U-Net only), by the same train command as for any LMM"),
 )
-FINAL_LMM = "runs/lmm-rope2"
-FINAL_HEAD = "runs/demo-shapes-head/head"
 
 
 def done(step: Step, root: Path) -> bool:
