@@ -11,7 +11,9 @@ shipped LMM (scenes of seeds 100-105) and head (seed 1) never saw:
    scenes (6-7 shapes, more than any training scene).
 2. Referring segmentation, every sentence of every object (LISA/GLaMM protocol), through
    `flmm_demo.evaluate.evaluate` exactly as `python -m flmm_demo eval` runs it, for the
-   trained U-Net head and the training-free path (no SAM: the heat map thresholded); and
+   trained U-Net head alone and with its SAM refiner (the demo world's small SAM, trained
+   by `train-sam`), and for the training-free path alone (the heat map thresholded) and
+   with SAM prompts; and
    references from the ground truth: the object's box filled in ("oracle box"), and the
    mask pooled to the LMM's patch grid and back, thresholded at 0.5 ("grid ceiling": the
    best a mask drawn in whole patches can do; "bilinear" upsamples the pooled coverage
@@ -50,19 +52,25 @@ from flmm_demo.demo_world import scene_stream, write_refer_dataset  # noqa: E402
 from flmm_demo.demo_world.scenes import Scene  # noqa: E402
 from flmm_demo.evaluate import EvalConfig, evaluate  # noqa: E402
 from flmm_demo.grounder import Grounder  # noqa: E402
-from flmm_demo.heads import load_head  # noqa: E402
+from flmm_demo.heads import load_head, load_sam  # noqa: E402
 from flmm_demo.heads.training_free import mask_box  # noqa: E402
 from flmm_demo.metrics import IoUAccumulator, SegmentationScores  # noqa: E402
 from flmm_demo.refer import ReferImage, ReferObject, open_refer  # noqa: E402
 
 DEFAULT_MODEL = "checkpoints/demo-shapes/lmm"
 DEFAULT_HEAD = "checkpoints/demo-shapes/head"
+DEFAULT_SAM = "checkpoints/demo-shapes/sam_vit_tiny.safetensors"
 DESCRIBE = "describe the image."
 PROTOCOL = "every"
 # (name, split, held_out, seed offset): regular scenes like training, crowded ones with more shapes.
 SETS = (("regular (2-5 shapes)", "val", False, 0), ("crowded (6-7 shapes)", "testB", True, 1))
-# Grounding modes and their row labels.
-LABELS = {"head": "U-Net head (trained)", "training_free": "training-free"}
+# (grounding mode, with SAM) and their row labels.
+LABELS = {
+    ("head", False): "U-Net head (trained)",
+    ("head", True): "U-Net head + SAM refiner (trained)",
+    ("training_free", False): "training-free",
+    ("training_free", True): "training-free + SAM prompts",
+}
 
 
 # ------------------------------------------------------------------ references from ground truth
@@ -128,13 +136,13 @@ def miou_by_object_count(per_expression: list[dict], data_dir: Path) -> dict[int
 # ------------------------------------------------------------------ phrase grounding
 
 
-def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[str, ...]) -> dict:
+def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[tuple[str, bool], ...]) -> dict:
     """Describe each scene (greedy), ground the answer's noun phrases, score each phrase.
 
     A phrase is scored against the union of the scene's objects whose name equals its
-    text (two identical shapes are both 'the' small red circle). Returns, per mode, the
+    text (two identical shapes are both 'the' small red circle). Returns, per row label, the
     cIoU/gIoU over the scored phrases, plus how many descriptions were exact and how many
-    phrases named no object of the scene.
+    phrases named no object of the scene. modes: (grounding mode, with SAM) pairs.
     """
     from flmm_demo.demo_world import describe
 
@@ -148,14 +156,14 @@ def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[str, 
         for obj in scene.objects:
             by_name[obj.phrase] = by_name.get(obj.phrase, np.zeros_like(obj.mask)) | obj.mask
         for mode in modes:
-            for grounded in session.ground(mode=mode, refine=False):
+            for grounded in session.ground(mode=mode[0], refine=mode[1]):
                 target = by_name.get(grounded.phrase.text.lower().strip())
                 if mode == modes[0]:
                     total += 1
                     unmatched += target is None
                 if target is not None:
                     accumulators[mode].add(grounded.mask, target)
-    scores = {mode: acc.scores() if acc.n else None for mode, acc in accumulators.items()}
+    scores = {LABELS[mode]: acc.scores() if acc.n else None for mode, acc in accumulators.items()}
     return {"scores": scores, "descriptions": len(scenes), "exact_descriptions": exact,
             "phrases": total, "unmatched_phrases": unmatched}
 
@@ -163,11 +171,11 @@ def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[str, 
 # ------------------------------------------------------------------ the run
 
 
-def build_grounder(model: str, head: str | None) -> Grounder:
-    """The LMM and its head (float32 even when the weights are stored in float16:
-    CPUs run float32 convolutions several times faster), no SAM."""
+def build_grounder(model: str, head: str | None, sam: str | None) -> Grounder:
+    """The LMM, its head (float32 even when the weights are stored in float16: CPUs run
+    float32 convolutions several times faster) and SAM (None: no SAM rows)."""
     backend = load_backend(model, device="cpu", dtype=torch.float32)
-    return Grounder(backend, load_head(head, backend) if head else None, None)
+    return Grounder(backend, load_head(head, backend) if head else None, load_sam(sam) if sam else None)
 
 
 def attention_grid(grounder: Grounder) -> int:
@@ -190,11 +198,13 @@ def run(args: argparse.Namespace) -> dict:
         results["lmm"][name] = evaluate_lmm(args.model, seed=args.seed + 10 + offset, n=n, held_out=held_out)
     timings["LMM answers"] = time.time() - start
 
-    grounder = build_grounder(args.model, args.head)
+    grounder = build_grounder(args.model, args.head, args.sam)
     grid = attention_grid(grounder)
     work = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="demo-world-eval-"))
     results["segmentation"], results["by_count"], results["right_object"] = {}, {}, {}
-    modes = ("head", "training_free") if args.head else ("training_free",)
+    refines = (False, True) if args.sam else (False,)
+    modes = tuple((mode, refine) for mode in (("head", "training_free") if args.head else ("training_free",))
+                  for refine in refines)
     for name, split, held_out, offset in SETS:
         n_scenes = args.scenes if not held_out else args.crowded_scenes
         if n_scenes == 0:
@@ -205,10 +215,10 @@ def run(args: argparse.Namespace) -> dict:
         write_refer_dataset(data_dir, n_scenes, args.seed + offset, split, held_out=held_out)
         dataset = open_refer(data_dir, split)
         rows: dict[str, SegmentationScores] = {}
-        for mode in modes:
-            label = LABELS[mode]
+        for mode, refine in modes:
+            label = LABELS[mode, refine]
             start = time.time()
-            config = EvalConfig(model=args.model, data=data_dir, split=split, protocol=PROTOCOL, refine=False,
+            config = EvalConfig(model=args.model, data=data_dir, split=split, protocol=PROTOCOL, refine=refine,
                                 limit=args.limit, device="cpu")
             result = evaluate(config, grounder=grounder, mode=mode)
             rows[label] = result.scores
@@ -217,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
             results["right_object"].setdefault(name, {})[label] = sum(i > 0.5 for i in ious) / max(1, len(ious))
             timings[f"{name}: {label}"] = time.time() - start
             if mode == "head":
-                results["by_count"][name] = miou_by_object_count(result.per_expression, data_dir)
+                results["by_count"].setdefault(name, {})[label] = miou_by_object_count(result.per_expression, data_dir)
         objects = [(image, obj) for image in dataset for obj in image.objects][: args.limit]
         rows.update(reference_scores(objects, grid))
         results["segmentation"][name] = rows
@@ -246,17 +256,17 @@ def markdown(results: dict) -> str:
             hit = "-" if right is None else f"{right:.2f}"
             lines.append(f"| {name} | {label} | {s.ciou:.3f} | {s.giou:.3f} | {hit} | {s.n} |")
     if results["by_count"]:
-        lines += ["", "U-Net head, gIoU (mean IoU) by number of shapes in the scene:", ""]
-    for name, by_count in results["by_count"].items():
-        lines.append(f"- {name}: " + ", ".join(f"{k} shapes {v:.3f}" for k, v in by_count.items()))
+        lines += ["", "Trained head, gIoU (mean IoU) by number of shapes in the scene:", ""]
+    for name, rows in results["by_count"].items():
+        for label, by_count in rows.items():
+            lines.append(f"- {name}, {label}: " + ", ".join(f"{k} shapes {v:.3f}" for k, v in by_count.items()))
     p = results["phrases"]
     if p is not None:  # None: no scenes were described
         lines += ["", "### Grounding the noun phrases of generated descriptions (regular scenes)", "",
                   f"{p['descriptions']} scenes described ({p['exact_descriptions']} exactly right); "
                   f"{p['phrases']} noun phrases, {p['unmatched_phrases']} naming no object of the scene (not scored).",
                   "", "| method | cIoU | mean IoU | n phrases |", "|---|---|---|---|"]
-        for mode, s in p["scores"].items():
-            label = LABELS[mode]
+        for label, s in p["scores"].items():
             lines.append(f"| {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |" if s else f"| {label} | - | - | 0 |")
     lines += ["", "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items()),
               "", f"Command: `python {results['command']}`"]
@@ -275,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the tiny LMM folder")
     parser.add_argument("--head", default=DEFAULT_HEAD, help="its F-LMM head folder ('' for training-free only)")
+    parser.add_argument("--sam", default=DEFAULT_SAM, help="its SAM checkpoint ('' for no SAM rows)")
     parser.add_argument("--seed", type=int, default=1000, help="held-out scenes: seed, seed+1 (crowded), +10.. (LMM)")
     parser.add_argument("--scenes", type=int, default=20, help="regular held-out scenes for segmentation")
     parser.add_argument("--crowded-scenes", type=int, default=8, help="crowded held-out scenes (6-7 shapes)")

@@ -32,6 +32,8 @@ SAM_CHECKPOINTS = {
     "vit_h": "sam_vit_h_4b8939.pth",
 }
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
+# The demo world's own small SAM (flmm_demo/demo_world/sam.py), shipped in the repository.
+DEMO_SAM = "demo-shapes/sam_vit_tiny.safetensors"
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
 _TRUE = {"1", "on", "yes", "true"}
@@ -83,15 +85,14 @@ PRESETS: dict[str, Preset] = {
             family="llava",
             hub_id=None,
             local_dir="demo-shapes/lmm",
-            description="Bundled tiny LLaVA trained on synthetic coloured shapes, with its F-LMM head; "
-            "runs on a CPU.",
+            description="Bundled tiny LLaVA trained on synthetic coloured shapes, with its F-LMM head "
+            "and a small SAM of its own; runs on a CPU.",
             flmm_head="demo-shapes/head",
-            sam=None,
+            sam=DEMO_SAM,
             how_to_get=(
-                "It ships with the repository in checkpoints/demo-shapes/ (lmm/ and head/): "
-                "restore it from git (`git checkout -- checkpoints/demo-shapes`), or rebuild "
-                "the LMM with `python -m flmm_demo.demo_world train-lmm --out "
-                "checkpoints/demo-shapes/lmm` and its head as the README describes."
+                "It ships with the repository in checkpoints/demo-shapes/ (lmm/, head/ and "
+                "sam_vit_tiny.safetensors): restore it from git (`git checkout -- checkpoints/demo-shapes`), "
+                "or rebuild it with `python -m flmm_demo.demo_world rebuild` as the README describes."
             ),
         ),
         Preset(
@@ -433,6 +434,12 @@ def _head_message(preset: Preset) -> str:
 
 def _sam_message(sam: str) -> str:
     path = checkpoints_dir() / sam
+    if sam == DEMO_SAM:
+        return (
+            f"The demo model's SAM is missing: {path}\n"
+            "It ships with the repository: restore it with `git checkout -- checkpoints/demo-shapes`, "
+            "or train it with `python -m flmm_demo.demo_world train-sam` (see docs/demo_world_results.md)."
+        )
     return (
         f"The SAM checkpoint is missing: {path}\n"
         f"Download it with `curl -L -o {path} {SAM_URL}{sam}` "
@@ -485,7 +492,7 @@ def doctor_report() -> str:
     ]
     lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
     lines.append("")
-    for kind, file in SAM_CHECKPOINTS.items():
+    for kind, file in (*SAM_CHECKPOINTS.items(), ("vit_tiny (demo world)", DEMO_SAM)):
         found = sam_checkpoint(file)
         lines.append(f"SAM {kind}: " + (f"present: {found}" if found else f"missing: {ckpt / file}"))
     spacy_name = spacy_model_name()

@@ -51,7 +51,7 @@ from torch import nn
 
 from flmm_demo.backends import Backend, load_backend
 from flmm_demo.heads.flmm_head import FlmmHead, FlmmHeadConfig, pick_full_view
-from flmm_demo.heads.sam import SamImageEmbedding, SamImageEncoderCache, build_sam_model
+from flmm_demo.heads.sam import SAM_CHECKPOINT_NAMES, SamImageEmbedding, SamImageEncoderCache, build_sam_model
 from flmm_demo.heads.unet import crop_to_image
 from flmm_demo.images import load_image
 from flmm_demo.phrases import phrases_from_spans
@@ -473,7 +473,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder: head/, checkpoints/, train_log.jsonl")
     parser.add_argument("--cache", type=Path, help="cache of frozen-model outputs (default: <out>/cache)")
     parser.add_argument("--sam", type=Path, help="original SAM checkpoint: also train F-LMM's SAM refiner")
-    parser.add_argument("--sam-variant", default="vit_l", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--sam-variant", default="vit_l", choices=sorted(SAM_CHECKPOINT_NAMES))
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=0.01)

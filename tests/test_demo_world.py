@@ -367,12 +367,15 @@ def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
         if step.module == "flmm_demo.demo_world":
             args = demo_parser.parse_args(list(step.args))  # every flag is one the command takes
             assert args.out == step.out
-            if getattr(args, "init", None):
-                assert args.init in made  # each round continues an earlier one
+            if getattr(args, "init", None):  # each round continues an earlier one (its folder or a file in it)
+                assert args.init in made or str(Path(args.init).parent) in made, args.init
         else:
             assert step.args[0] == "train"
             args = head_parser.parse_args(list(step.args[1:]))
             assert args.model == recipe.FINAL_LMM and str(args.data) in made and str(args.out) == step.out
+            # The refiner is trained on the demo world's SAM, made by an earlier step.
+            assert str(args.sam) == recipe.FINAL_SAM and args.sam_variant == "vit_tiny"
+            assert any(recipe.FINAL_SAM.startswith(out + "/") for out in made)
         made.append(step.out)
     assert recipe.FINAL_LMM in made and recipe.FINAL_HEAD.startswith(recipe.STEPS[-1].out)
 

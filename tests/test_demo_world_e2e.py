@@ -1,13 +1,16 @@
 """The demo world end to end: a miniature head training run, and the shipped weights' figure.
 
 1. CI-sized: the tiny LMM mode trains a LLaVA in seconds, `train` fits an F-LMM head on it
-   for a few steps (the loss must fall), and the benchmark script runs on it.
-2. The shipped checkpoints (checkpoints/demo-shapes/lmm + head) load and, on held-out
-   scenes of a seed used nowhere else, reach the U-Net head's cIoU that
-   docs/demo_world_results.md reports, within a stated margin.
+   for a few steps, alone and with a SAM refiner on a tiny SAM (the loss must fall), and
+   the benchmark script runs on it.
+2. The shipped checkpoints (checkpoints/demo-shapes/lmm, head and sam_vit_tiny) load and,
+   on held-out scenes of a seed used nowhere else, reach the head's cIoU that
+   docs/demo_world_results.md reports (U-Net alone and with its SAM refiner), within a
+   stated margin.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,10 +29,12 @@ from flmm_demo.demo_world import DEFAULT_LMM_DIR, write_refer_dataset  # noqa: E
 from flmm_demo.backends import load_backend  # noqa: E402
 from flmm_demo.evaluate import EvalConfig, evaluate  # noqa: E402
 from flmm_demo.grounder import Grounder  # noqa: E402
-from flmm_demo.heads import FlmmHead, load_head  # noqa: E402
+from flmm_demo.heads import FlmmHead, load_head, load_sam  # noqa: E402
+from flmm_demo.heads.sam import build_tiny_sam  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_HEAD = REPO / "checkpoints" / "demo-shapes" / "head"
+SHIPPED_SAM = REPO / "checkpoints" / "demo-shapes" / "sam_vit_tiny.safetensors"
 RESULTS_DOC = REPO / "docs" / "demo_world_results.md"
 # Held-out scenes for the shipped-weights check: not the head's training seed (1), not the
 # benchmark's (1000+), not the LMM's (100-105).
@@ -43,7 +48,7 @@ MARGIN = 0.10
 
 
 def _shipped() -> bool:
-    return all((p / "config.json").exists() for p in (REPO / DEFAULT_LMM_DIR, SHIPPED_HEAD))
+    return all((p / "config.json").exists() for p in (REPO / DEFAULT_LMM_DIR, SHIPPED_HEAD)) and SHIPPED_SAM.exists()
 
 
 def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tmp_path):
@@ -68,24 +73,38 @@ def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tmp
     assert not head.config.use_refiner and head.mask_head.conv_seg.weight.dtype == torch.float32
     assert (result.head_dir / "model.safetensors").stat().st_size < 20 * 2**20
 
+    # The same with F-LMM's SAM refiner, on a tiny SAM (untrained here: `train-sam` is
+    # tested in test_demo_world_sam.py); the refiner learns from the U-Net's dense prompt.
+    from flmm_demo.demo_world.sam import save as save_sam
+
+    sam_file = tmp_path / "sam_vit_tiny.safetensors"
+    save_sam(build_tiny_sam(), sam_file)
+    refined = train.train(dataclasses.replace(config, out=tmp_path / "run-sam", sam=sam_file, sam_variant="vit_tiny"))
+    first, last = sum(refined.losses[:3]) / 3, sum(refined.losses[-3:]) / 3
+    assert last < first - 0.05, refined.losses
+    head = FlmmHead.from_pretrained(refined.head_dir)
+    assert head.config.use_refiner and head.config.sam_variant == "vit_tiny"
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     import eval_demo_world
 
     out = tmp_path / "table.json"
     eval_demo_world.main([
-        "--model", str(tmp_path / "lmm"), "--head", str(result.head_dir), "--scenes", "1", "--crowded-scenes", "1",
+        "--model", str(tmp_path / "lmm"), "--head", str(refined.head_dir), "--sam", str(sam_file),
+        "--scenes", "1", "--crowded-scenes", "1",
         "--limit", "2", "--lmm-scenes", "2", "--phrase-scenes", "1", "--json", str(out),
     ])
     table = json.loads(out.read_text())
     for rows in table["segmentation"].values():
-        assert {"U-Net head (trained)", "training-free", "oracle: ground-truth box"} <= set(rows)
+        assert {"U-Net head (trained)", "U-Net head + SAM refiner (trained)", "training-free",
+                "training-free + SAM prompts", "oracle: ground-truth box"} <= set(rows)
         assert all(0.0 <= r["ciou"] <= 1.0 and r["n"] > 0 for r in rows.values())
         assert rows["oracle: ground-truth box"]["ciou"] > 0.5  # a filled box covers most of a shape
     assert set(table["lmm"]) == {"regular (2-5 shapes)", "crowded (6-7 shapes)"}
 
     # The LMM alone (no head): training-free rows only; a set of 0 scenes is left out.
     eval_demo_world.main([
-        "--model", str(tmp_path / "lmm"), "--head", "", "--scenes", "1", "--crowded-scenes", "0",
+        "--model", str(tmp_path / "lmm"), "--head", "", "--sam", "", "--scenes", "1", "--crowded-scenes", "0",
         "--limit", "2", "--lmm-scenes", "1", "--phrase-scenes", "0", "--json", str(out),
     ])
     table = json.loads(out.read_text())
@@ -93,28 +112,30 @@ def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tmp
     assert "training-free" in rows and "U-Net head (trained)" not in rows and table["phrases"] is None
 
 
-def documented_head_ciou() -> float:
-    """The U-Net head's cIoU on regular held-out scenes, as docs/demo_world_results.md states it."""
+def documented_head_ciou(row: str = "U-Net head (trained)") -> float:
+    """A head row's cIoU on regular held-out scenes, as docs/demo_world_results.md states it."""
     text = RESULTS_DOC.read_text()
-    match = re.search(r"\| regular \(2-5 shapes\) \| U-Net head \(trained\) \| ([0-9.]+) \|", text)
-    assert match, f"no U-Net head row in {RESULTS_DOC}"
+    match = re.search(r"\| regular \(2-5 shapes\) \| " + re.escape(row) + r" \| ([0-9.]+) \|", text)
+    assert match, f"no {row!r} row in {RESULTS_DOC}"
     return float(match.group(1))
 
 
-@pytest.mark.skipif(not _shipped(), reason="no shipped demo-shapes LMM and head")
+@pytest.mark.skipif(not _shipped(), reason="no shipped demo-shapes LMM, head and SAM")
 def test_shipped_weights_reach_the_documented_ciou(tmp_path):
-    for folder in (REPO / DEFAULT_LMM_DIR, SHIPPED_HEAD):
-        assert all(f.stat().st_size < 20 * 2**20 for f in folder.iterdir()), folder
+    for path in (*(REPO / DEFAULT_LMM_DIR).iterdir(), *SHIPPED_HEAD.iterdir(), SHIPPED_SAM):
+        assert path.stat().st_size < 20 * 2**20, path
     write_refer_dataset(tmp_path, CHECK_SCENES, seed=CHECK_SEED, split="val")
     backend = load_backend(str(REPO / DEFAULT_LMM_DIR), device="cpu", dtype=torch.float32)
     head = load_head(SHIPPED_HEAD, backend)
-    assert not head.config.use_refiner
-    config = EvalConfig(model=str(REPO / DEFAULT_LMM_DIR), data=tmp_path, split="val", protocol="every",
-                        refine=False, limit=CHECK_OBJECTS, device="cpu")
-    result = evaluate(config, grounder=Grounder(backend, head, None), mode="head")
-    assert result.scores.n >= 40
-    documented = documented_head_ciou()
-    assert result.scores.ciou >= documented - MARGIN, (result.scores, documented)
+    assert head.config.use_refiner and head.config.sam_variant == "vit_tiny"
+    grounder = Grounder(backend, head, load_sam(SHIPPED_SAM))
+    for refine, row in ((False, "U-Net head (trained)"), (True, "U-Net head + SAM refiner (trained)")):
+        config = EvalConfig(model=str(REPO / DEFAULT_LMM_DIR), data=tmp_path, split="val", protocol="every",
+                            refine=refine, limit=CHECK_OBJECTS, device="cpu")
+        result = evaluate(config, grounder=grounder, mode="head")
+        assert result.scores.n >= 40 and result.refined == refine
+        documented = documented_head_ciou(row)
+        assert result.scores.ciou >= documented - MARGIN, (row, result.scores, documented)
 
 
 # Scenes drawn here with plain PIL calls, independently of flmm_demo.demo_world.scenes:
@@ -161,16 +182,17 @@ def drawn_scene(width, height, background, shapes):
     return image, masks
 
 
-@pytest.mark.skipif(not _shipped(), reason="no shipped demo-shapes LMM and head")
-def test_shipped_weights_ground_expressions_in_scenes_drawn_outside_the_generator():
+@pytest.mark.skipif(not _shipped(), reason="no shipped demo-shapes LMM, head and SAM")
+@pytest.mark.parametrize("refine", [False, True], ids=["unet", "sam-refiner"])
+def test_shipped_weights_ground_expressions_in_scenes_drawn_outside_the_generator(refine):
     backend = load_backend(str(REPO / DEFAULT_LMM_DIR), device="cpu", dtype=torch.float32)
-    grounder = Grounder(backend, load_head(SHIPPED_HEAD, backend), None)
+    grounder = Grounder(backend, load_head(SHIPPED_HEAD, backend), load_sam(SHIPPED_SAM))
     ious = []
     for width, height, background, shapes, expressions in DRAWN:
         image, masks = drawn_scene(width, height, background, shapes)
         session = grounder.new_session(image)
         for expression, target in expressions.items():
-            mask = session.ground_expression(expression, mode="head").mask
+            mask = session.ground_expression(expression, mode="head", refine=refine).mask
             assert mask.shape == (height, width)
             scores = [(mask & m).sum() / max(1, (mask | m).sum()) for m in masks]
             assert int(np.argmax(scores)) == target, (expression, scores)

@@ -4,7 +4,7 @@
     scene = make_scene(seed=0)          # image, exact masks, objects left to right
     describe(scene)                     # 'a red circle, a small blue square and ...'
 
-Commands: python -m flmm_demo.demo_world {rebuild, train-lmm, eval-lmm, write-refer, show}.
+Commands: python -m flmm_demo.demo_world {rebuild, train-lmm, train-sam, eval-lmm, write-refer, show}.
 """
 from flmm_demo.demo_world.scenes import (
     Scene,

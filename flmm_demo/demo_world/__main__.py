@@ -1,8 +1,9 @@
 """Commands of the demo world.
 
-    python -m flmm_demo.demo_world rebuild [--dry-run]     # the shipped weights, every step (about 4.5 h)
+    python -m flmm_demo.demo_world rebuild [--dry-run]     # the shipped weights, every step (about 5.3 h)
     python -m flmm_demo.demo_world train-lmm --out runs/lmm-base --seed 0 --minutes 50 --vision-share 0.4 --low-res-share 0.6
     python -m flmm_demo.demo_world train-lmm --init runs/lmm-base --out runs/lmm-ground --minutes 25 --ground-share 0.5 --chat-lr 5e-4
+    python -m flmm_demo.demo_world train-sam --out runs/sam-tiny --seed 11 --minutes 25
     python -m flmm_demo.demo_world eval-lmm --model checkpoints/demo-shapes/lmm [--held-out]
     python -m flmm_demo.demo_world write-refer --out data/demo-shapes --train 2000 --val 200
     python -m flmm_demo.demo_world show --seed 3 --out scene.png
@@ -45,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope-theta", type=float, help="a new RoPE base for the language model (default: keep it)")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
 
+    p = sub.add_parser("train-sam", help="train the demo world's small SAM from scratch (promptable segmentation)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=11)
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps instead (CI)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--eval-scenes", type=int, default=60, help="held-out scenes scored at the end")
+    p.add_argument("--init", help="continue from this saved sam_vit_tiny.safetensors")
+
     p = sub.add_parser("rebuild", help="remake the shipped LMM and head from the seeds (recipe.py), then install them")
     p.add_argument("--dry-run", action="store_true", help="print the steps and stop")
     p.add_argument("--no-install", action="store_true", help="leave checkpoints/ as it is")
@@ -78,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
               vision_share=args.vision_share, attention_weight=args.attention_weight, low_res_share=args.low_res_share,
               ground_share=args.ground_share, ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr,
               rope_theta=args.rope_theta)
+    elif args.command == "train-sam":
+        from flmm_demo.demo_world.sam import train as train_sam
+
+        train_sam(args.out, seed=args.seed, minutes=args.minutes, max_steps=args.max_steps,
+                  batch_size=args.batch_size, lr=args.lr, eval_scenes=args.eval_scenes, init=args.init)
     elif args.command == "rebuild":
         rebuild(dry_run=args.dry_run, install_weights=not args.no_install)
     elif args.command == "eval-lmm":

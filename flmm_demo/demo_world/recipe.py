@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 4.5 hours on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 5.3 hours on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -14,6 +14,7 @@ from pathlib import Path
 from flmm_demo.demo_world import DEFAULT_LMM_DIR
 
 HEAD_DIR = "checkpoints/demo-shapes/head"
+SAM_FILE = "checkpoints/demo-shapes/sam_vit_tiny.safetensors"
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,10 @@ def _round(out: str, why: str, *args: str) -> Step:
 
 FINAL_LMM = "runs/lmm-rope2"  # the last round's folder: the LMM that ships
 HEAD_DATA = "data/demo-shapes-train"
-HEAD_RUN = "runs/demo-shapes-head"
+FIRST_SAM = "runs/sam-tiny"
+SAM_RUN = "runs/sam-tiny2"  # the second round's folder: the SAM that ships
+FINAL_SAM = f"{SAM_RUN}/sam_vit_tiny.safetensors"  # where `train-sam` saves it
+HEAD_RUN = "runs/demo-shapes-head-sam"
 FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
 
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
@@ -60,26 +64,34 @@ STEPS: tuple[Step, ...] = (
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0"),
          HEAD_DATA, "the head's training scenes: 600 scenes of 2-5 shapes, RefCOCO layout"),
+    Step("flmm_demo.demo_world", ("train-sam", "--out", FIRST_SAM, "--seed", "11", "--minutes", "25"),
+         FIRST_SAM, "the demo world's small SAM, from scratch: boxes, coarse masks and points as prompts"),
+    Step("flmm_demo.demo_world", ("train-sam", "--init", f"{FIRST_SAM}/sam_vit_tiny.safetensors", "--out", SAM_RUN,
+                                  "--seed", "12", "--minutes", "20", "--lr", "2e-4"),
+         SAM_RUN, "a second round on new scenes at a lower learning rate"),
     Step("flmm_demo", ("train", "--model", FINAL_LMM, "--data", HEAD_DATA,
-                       "--out", HEAD_RUN, "--epochs", "3", "--lr", "1e-3", "--log-every", "150",
+                       "--out", HEAD_RUN, "--sam", FINAL_SAM, "--sam-variant", "vit_tiny",
+                       "--epochs", "3", "--lr", "1e-3", "--log-every", "150",
                        "--checkpoint-every", "600", "--head-dtype", "float16"),
-         HEAD_RUN, "the F-LMM head (U-Net only), by the same train command as for any LMM"),
+         HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM"),
 )
 
 
 def done(step: Step, root: Path) -> bool:
     """Whether a step's output is already there (a rebuild resumes after the last done step)."""
     out = root / step.out
-    marker = {"train-lmm": "model.safetensors", "write-refer": "instances.json", "train": "head/model.safetensors"}
+    marker = {"train-lmm": "model.safetensors", "write-refer": "instances.json", "train": "head/model.safetensors",
+              "train-sam": "sam_vit_tiny.safetensors"}
     return (out / marker[step.args[0]]).exists()
 
 
 def install(root: Path) -> list[Path]:
-    """Copy the final LMM and head into checkpoints/ (what the app loads). Returns the files."""
+    """Copy the final LMM, head and SAM into checkpoints/ (what the app loads). Returns the files."""
     copied = []
     for src, dst in ((root / FINAL_LMM, root / DEFAULT_LMM_DIR), (root / FINAL_HEAD, root / HEAD_DIR)):
         dst.mkdir(parents=True, exist_ok=True)
         for f in sorted(src.iterdir()):
             if f.is_file() and (f.suffix in (".json", ".safetensors", ".jinja")):
                 copied.append(Path(shutil.copy2(f, dst / f.name)))
+    copied.append(Path(shutil.copy2(root / FINAL_SAM, root / SAM_FILE)))
     return copied

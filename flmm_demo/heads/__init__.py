@@ -63,7 +63,7 @@ def load_head(path: str | Path, lmm: LmmShape, device: str | torch.device = "cpu
 
 
 def sam_variant_of(path: str | Path) -> str:
-    """'vit_b' | 'vit_l' | 'vit_h' from a SAM checkpoint's file name (sam_vit_l_0b3195.pth -> 'vit_l')."""
+    """'vit_b' | 'vit_l' | 'vit_h' | 'vit_tiny' from a SAM checkpoint's file name (sam_vit_l_0b3195.pth -> 'vit_l')."""
     name = Path(path).name
     for variant in SAM_CHECKPOINT_NAMES:
         if variant in name:
@@ -75,5 +75,6 @@ def sam_variant_of(path: str | Path) -> str:
 
 
 def load_sam(path: str | Path, device: str | torch.device = "cpu", variant: str | None = None) -> SamImageEncoderCache:
-    """A SAM image-encoder cache (with SAM's own prompt decoder) from an original SAM checkpoint."""
+    """A SAM image-encoder cache (with SAM's own prompt decoder) from an original SAM checkpoint
+    or the demo world's sam_vit_tiny.safetensors."""
     return SamImageEncoderCache.from_checkpoint(variant or sam_variant_of(path), path, device=device)

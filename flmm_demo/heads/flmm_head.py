@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flmm_demo.heads.refiner import SamRefiner, dense_pad_value
-from flmm_demo.heads.sam import SamImageEmbedding
+from flmm_demo.heads.sam import SamImageEmbedding, sam_geometry
 from flmm_demo.heads.unet import UNetMaskDecoder, covers_image, crop_to_image
 from flmm_demo.types import ImageView
 
@@ -52,7 +52,7 @@ class FlmmHeadConfig:
     num_layers, num_heads: of the LLM's decoder (channels = num_layers * num_heads).
     hidden_size: the LLM's hidden size (input of the refiner's text projection).
     sam_variant: 'vit_b' | 'vit_l' | 'vit_h', the SAM image encoder the refiner was trained
-    with (F-LMM used vit_l). sam_checkpoint: path of that original SAM checkpoint, if known.
+    with (F-LMM used vit_l); 'vit_tiny' for the demo world's own small SAM. sam_checkpoint: path of that original SAM checkpoint, if known.
     """
 
     num_layers: int
@@ -90,7 +90,10 @@ class FlmmHead(nn.Module):
         super().__init__()
         self.config = config
         self.mask_head = UNetMaskDecoder(config.in_channels)
-        self.sam = SamRefiner(config.hidden_size, config.num_layers) if config.use_refiner else None
+        self.sam = (
+            SamRefiner(config.hidden_size, config.num_layers, sam_geometry(config.sam_variant))
+            if config.use_refiner else None
+        )
 
     def check_compatible(self, lmm: LmmShape) -> None:
         """Raise ValueError when this head was trained for an LMM of another shape."""

@@ -22,8 +22,9 @@ from torch import nn
 
 from flmm_demo.heads.sam import (
     LOW_RES_MASK_SIZE,
-    PROMPT_DIM,
+    RELEASED_SAM,
     SAM_IMAGE_SIZE,
+    SamGeometry,
     SamImageEmbedding,
     SamPromptModel,
     decode_prompts,
@@ -34,14 +35,15 @@ class SamRefiner(nn.Module):
     """Refines one phrase's U-Net logits with SAM.
 
     hidden_size: the LLM's hidden size (2048 for DeepSeek-VL-1.3B); num_layers: its
-    number of decoder layers (one learned mixing weight each).
+    number of decoder layers (one learned mixing weight each). geometry: sizes of the SAM
+    whose image encoder it works with (the released models', or the demo world's TINY_SAM).
     """
 
-    def __init__(self, hidden_size: int, num_layers: int) -> None:
+    def __init__(self, hidden_size: int, num_layers: int, geometry: SamGeometry = RELEASED_SAM) -> None:
         super().__init__()
-        self.model = SamPromptModel()
+        self.model = SamPromptModel(geometry)
         self.text_layer_weights = nn.Parameter(torch.ones(num_layers))
-        self.text_proj = nn.Linear(hidden_size, PROMPT_DIM)
+        self.text_proj = nn.Linear(hidden_size, geometry.prompt_dim)
 
     def text_embeddings(self, phrase_hidden: torch.Tensor) -> torch.Tensor:
         """(L, n, D) hidden states of the phrase tokens (embedding output excluded) -> (n, 256)."""
@@ -69,12 +71,20 @@ class SamRefiner(nn.Module):
         uses min(-1, min over all of their logits): pass that to match it (see
         `dense_pad_value`).
         """
+        geometry = self.model.geometry
+        if embedding.img_size != geometry.img_size or embedding.features.shape[1] != geometry.prompt_dim:
+            raise ValueError(
+                f"this refiner was trained with a SAM of {geometry.img_size} px input and {geometry.prompt_dim}-dim "
+                f"embeddings, but the image was encoded at {embedding.img_size} px with "
+                f"{embedding.features.shape[1]} dims; load the SAM the head was trained with"
+            )
         box = mask_logits_to_box(unet_logits, embedding.original_size)
         logits, _ = decode_prompts(
             self.model,
             embedding,
             box=box,
-            dense_logits=dense_prompt(unet_logits, embedding.input_size, embedding.img_size, pad_value),
+            dense_logits=dense_prompt(unet_logits, embedding.input_size, embedding.img_size, pad_value,
+                                      geometry.low_res_size),
             text_tokens=self.text_embeddings(phrase_hidden),
         )
         return logits
@@ -90,19 +100,20 @@ def dense_prompt(
     input_size: tuple[int, int],
     img_size: int = SAM_IMAGE_SIZE,
     pad_value: float | None = None,
+    low_res_size: int = LOW_RES_MASK_SIZE,
 ) -> torch.Tensor:
-    """(h, w) logits -> (1, 1, 256, 256) SAM mask prompt.
+    """(h, w) logits -> (1, 1, m, m) SAM mask prompt (m = low_res_size, 256 for released SAMs).
 
     Resized to input_size (the resized image), padded right/bottom to img_size with
     pad_value (default min(-1, min logit)) so the padding reads as background, resized
-    to 256x256.
+    to m x m.
     """
     if pad_value is None:
         pad_value = dense_pad_value([unet_logits])
     x = F.interpolate(unet_logits[None, None].float(), size=input_size, mode="bilinear")
     h, w = x.shape[-2:]
     x = F.pad(x, (0, img_size - w, 0, img_size - h), value=pad_value)
-    return F.interpolate(x, size=(LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), mode="bilinear")
+    return F.interpolate(x, size=(low_res_size, low_res_size), mode="bilinear")
 
 
 def mask_logits_to_box(unet_logits: torch.Tensor, original_size: tuple[int, int]) -> np.ndarray:

@@ -4,6 +4,10 @@ Encoding an image with ViT-L takes 70-80 s on two CPU threads; every later promp
 same image is cheap (a decode is under 0.1 s). `SamImageEncoderCache` computes the
 embedding once per image and can do it in a background thread (`start`) while the LMM is
 still writing its answer; `get` waits for it.
+
+Besides the released models (vit_b, vit_l, vit_h: segment-anything's registry), 'vit_tiny'
+is the demo world's own SAM (TINY_SAM sizes, trained by `python -m flmm_demo.demo_world
+train-sam`), which encodes an image in a few hundredths of a second.
 """
 from __future__ import annotations
 
@@ -12,22 +16,27 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 
 # Original SAM checkpoints (https://github.com/facebookresearch/segment-anything#model-checkpoints).
+# "vit_tiny" is no released model: it is the small SAM the demo world trains itself
+# (flmm_demo/demo_world/sam.py), stored as safetensors under that name.
 SAM_CHECKPOINT_NAMES = {
     "vit_b": "sam_vit_b_01ec64.pth",
     "vit_l": "sam_vit_l_0b3195.pth",
     "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_tiny": "sam_vit_tiny.safetensors",
 }
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -37,10 +46,49 @@ LOW_RES_MASK_SIZE = 256
 
 
 @dataclass(frozen=True)
+class SamGeometry:
+    """The sizes a SAM's prompt encoder and mask decoder are built with.
+
+    img_size: side of the square the image encoder sees; patch_size: its patch side, so
+    the embedding grid is img_size / patch_size and the decoder's low-res masks are 4x
+    that. prompt_dim: width of prompts, image embedding and decoder; decoder_mlp_dim and
+    decoder_heads: of the decoder's two-way transformer.
+    """
+
+    img_size: int = SAM_IMAGE_SIZE
+    patch_size: int = 16
+    prompt_dim: int = PROMPT_DIM
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def low_res_size(self) -> int:
+        return 4 * self.grid
+
+
+RELEASED_SAM = SamGeometry()  # every released SAM (b, l, h) shares these sizes
+# The demo world's SAM: 256 px input, 8 px patches (a 32x32 embedding, 128x128 masks for
+# images of at most 320 px) and a decoder half as wide, so it trains on a CPU.
+TINY_SAM = SamGeometry(img_size=256, patch_size=8, prompt_dim=128, decoder_mlp_dim=512, decoder_heads=4)
+TINY_SAM_ENCODER = {"embed_dim": 128, "depth": 4, "num_heads": 4, "window_size": 8, "global_attn_indexes": (1, 3)}
+
+
+def sam_geometry(variant: str) -> SamGeometry:
+    """The prompt encoder / mask decoder sizes of a SAM variant."""
+    if variant not in SAM_CHECKPOINT_NAMES:
+        raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_CHECKPOINT_NAMES)}")
+    return TINY_SAM if variant == "vit_tiny" else RELEASED_SAM
+
+
+@dataclass(frozen=True)
 class SamImageEmbedding:
     """An encoded image.
 
-    features: (1, 256, 64, 64) image embedding (the grid is img_size / 16 per side).
+    features: (1, C, g, g) image embedding ((1, 256, 64, 64) for the released SAM models).
     input_size: (h, w) of the image after resizing its longest side to img_size, before padding.
     original_size: (H, W) of the original image.
     img_size: side of the square the encoder sees (1024 for the released SAM models).
@@ -53,32 +101,59 @@ class SamImageEmbedding:
 
 
 class SamPromptModel(nn.Module):
-    """SAM's prompt encoder and mask decoder, at the sizes shared by every released SAM (b, l, h)."""
+    """SAM's prompt encoder and mask decoder; by default at the sizes of every released SAM (b, l, h)."""
 
-    def __init__(self) -> None:
+    def __init__(self, geometry: SamGeometry = RELEASED_SAM) -> None:
         super().__init__()
-        grid = SAM_IMAGE_SIZE // 16
-        self.prompt_encoder = PromptEncoder(
-            embed_dim=PROMPT_DIM,
-            image_embedding_size=(grid, grid),
-            input_image_size=(SAM_IMAGE_SIZE, SAM_IMAGE_SIZE),
-            mask_in_chans=16,
-        )
-        self.mask_decoder = MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_DIM, mlp_dim=2048, num_heads=8),
-            transformer_dim=PROMPT_DIM,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        )
+        self.geometry = geometry
+        self.prompt_encoder, self.mask_decoder = build_prompt_modules(geometry)
 
     @classmethod
-    def from_sam(cls, sam: Sam) -> SamPromptModel:
+    def from_sam(cls, sam: Sam, geometry: SamGeometry = RELEASED_SAM) -> SamPromptModel:
         """The original (not F-LMM-trained) prompt encoder and decoder of a SAM model."""
-        model = cls()
+        model = cls(geometry)
         model.prompt_encoder.load_state_dict(sam.prompt_encoder.state_dict())
         model.mask_decoder.load_state_dict(sam.mask_decoder.state_dict())
         return model.eval()
+
+
+def build_prompt_modules(geometry: SamGeometry) -> tuple[PromptEncoder, MaskDecoder]:
+    """segment-anything's PromptEncoder and MaskDecoder at the given sizes (untrained)."""
+    dim = geometry.prompt_dim
+    prompt_encoder = PromptEncoder(
+        embed_dim=dim,
+        image_embedding_size=(geometry.grid, geometry.grid),
+        input_image_size=(geometry.img_size, geometry.img_size),
+        mask_in_chans=16,
+    )
+    mask_decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=geometry.decoder_mlp_dim,
+                                      num_heads=geometry.decoder_heads),
+        transformer_dim=dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    return prompt_encoder, mask_decoder
+
+
+def build_tiny_sam() -> Sam:
+    """An untrained SAM of TINY_SAM's sizes, built from segment-anything's own modules
+    (ViT image encoder with windowed and global attention, prompt encoder, mask decoder)."""
+    geometry = TINY_SAM
+    image_encoder = ImageEncoderViT(
+        img_size=geometry.img_size,
+        patch_size=geometry.patch_size,
+        out_chans=geometry.prompt_dim,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        **TINY_SAM_ENCODER,
+    )
+    prompt_encoder, mask_decoder = build_prompt_modules(geometry)
+    return Sam(image_encoder=image_encoder, prompt_encoder=prompt_encoder, mask_decoder=mask_decoder,
+               pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD))
 
 
 def decode_prompts(
@@ -97,6 +172,7 @@ def decode_prompts(
     points: (N, 2) xy; point_labels: (N,) 1 = foreground, 0 = background; box: (4,)
     x0, y0, x1, y1; dense_logits: (1, 1, 256, 256) mask prompt; text_tokens: (n, 256)
     extra sparse tokens placed after the point/box tokens (F-LMM's language cue).
+    (256 is the released models' low-res mask side; a smaller SAM's is model.geometry.low_res_size.)
     Returns ((H, W) logits at the original size, predicted IoU); with multimask_output the
     candidate with the highest predicted IoU.
     """
@@ -132,22 +208,32 @@ def decode_prompts(
 
 
 def postprocess_masks(low_res: torch.Tensor, embedding: SamImageEmbedding) -> torch.Tensor:
-    """(B, 1, 256, 256) decoder logits -> (B, 1, H, W): to img_size, drop the padding, to the original size."""
+    """(B, 1, m, m) decoder logits (m = 256 for the released models) -> (B, 1, H, W): to img_size, drop the padding, to the original size."""
     x = F.interpolate(low_res.float(), size=(embedding.img_size, embedding.img_size), mode="bilinear")
     h, w = embedding.input_size
     return F.interpolate(x[..., :h, :w], size=embedding.original_size, mode="bilinear")
 
 
 def build_sam_model(variant: str, checkpoint: str | Path | None) -> Sam:
-    """Build a full SAM model from segment-anything's registry ('vit_b', 'vit_l' or 'vit_h')."""
-    if variant not in SAM_CHECKPOINT_NAMES:
-        raise ValueError(f"unknown SAM variant {variant!r}; choose one of {sorted(SAM_CHECKPOINT_NAMES)}")
+    """Build a full SAM model: 'vit_b', 'vit_l' or 'vit_h' from segment-anything's registry
+    (checkpoint: an original .pth), or 'vit_tiny' (checkpoint: the demo world's safetensors)."""
+    sam_geometry(variant)  # rejects unknown variants
     if checkpoint is not None and not Path(checkpoint).is_file():
-        raise FileNotFoundError(
-            f"SAM checkpoint {checkpoint} not found; download {SAM_CHECKPOINT_NAMES[variant]} from "
-            "https://github.com/facebookresearch/segment-anything#model-checkpoints into checkpoints/"
-        )
-    return sam_model_registry[variant](checkpoint=None if checkpoint is None else str(checkpoint))
+        where = ("train it with `python -m flmm_demo.demo_world train-sam` (see docs/demo_world_results.md)"
+                 if variant == "vit_tiny" else
+                 f"download {SAM_CHECKPOINT_NAMES[variant]} from "
+                 "https://github.com/facebookresearch/segment-anything#model-checkpoints into checkpoints/")
+        raise FileNotFoundError(f"SAM checkpoint {checkpoint} not found; {where}")
+    if variant != "vit_tiny":
+        return sam_model_registry[variant](checkpoint=None if checkpoint is None else str(checkpoint))
+    sam = build_tiny_sam()
+    if checkpoint is not None:
+        state = {k: v.float() for k, v in load_file(str(checkpoint)).items()}
+        try:
+            sam.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{checkpoint} is not a vit_tiny SAM of this version's sizes: {err}") from err
+    return sam.eval()
 
 
 def image_to_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -203,13 +289,14 @@ class SamImageEncoderCache:
     def from_checkpoint(
         cls, variant: str, checkpoint: str | Path, device: str | torch.device = "cpu"
     ) -> SamImageEncoderCache:
-        """Load SAM from an original checkpoint (e.g. checkpoints/sam_vit_l_0b3195.pth).
+        """Load SAM from a checkpoint (e.g. checkpoints/sam_vit_l_0b3195.pth).
 
         Keeps the image encoder and, as `prompt_model`, SAM's own prompt encoder and mask
         decoder (used by the training-free path; F-LMM's refiner brings its own).
         """
         sam = build_sam_model(variant, checkpoint)
-        return cls(sam.image_encoder.to(device), prompt_model=SamPromptModel.from_sam(sam).to(device))
+        prompt_model = SamPromptModel.from_sam(sam, sam_geometry(variant))
+        return cls(sam.image_encoder.to(device), prompt_model=prompt_model.to(device))
 
     @property
     def device(self) -> torch.device:
