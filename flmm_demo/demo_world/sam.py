@@ -158,7 +158,7 @@ def train(out_dir: str | Path, seed: int = 11, minutes: float = 25.0, batch_size
     rng = np.random.default_rng(seed)
     sam = (build_sam_model("vit_tiny", init) if init else build_tiny_sam()).train()
     encoder = SamImageEncoderCache(sam.image_encoder)  # for its preprocessing only
-    sam.image_encoder.requires_grad_(True).train()
+    sam.image_encoder.requires_grad_(True).train()  # the cache froze it; here it learns
     optimizer = torch.optim.AdamW(sam.parameters(), lr=lr, weight_decay=0.01)
     scenes = S.scene_stream(seed, 10**7)
     log_path = out / "train_log.jsonl"

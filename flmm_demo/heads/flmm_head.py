@@ -52,7 +52,8 @@ class FlmmHeadConfig:
     num_layers, num_heads: of the LLM's decoder (channels = num_layers * num_heads).
     hidden_size: the LLM's hidden size (input of the refiner's text projection).
     sam_variant: 'vit_b' | 'vit_l' | 'vit_h', the SAM image encoder the refiner was trained
-    with (F-LMM used vit_l); 'vit_tiny' for the demo world's own small SAM. sam_checkpoint: path of that original SAM checkpoint, if known.
+    with (F-LMM used vit_l); 'vit_tiny' for the demo world's own small SAM.
+    sam_checkpoint: path of that SAM checkpoint when training, if known (informational).
     """
 
     num_layers: int
