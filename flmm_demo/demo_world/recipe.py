@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flmm_demo.demo_world import DEFAULT_LMM_DIR
+from flmm_demo.presets import DEMO_SAM
 
 HEAD_DIR = "checkpoints/demo-shapes/head"
-SAM_FILE = "checkpoints/demo-shapes/sam_vit_tiny.safetensors"
+SAM_FILE = f"checkpoints/{DEMO_SAM}"
 
 
 @dataclass(frozen=True)

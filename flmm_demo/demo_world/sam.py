@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from segment_anything.modeling import Sam
 
 from flmm_demo.demo_world import scenes as S
+from flmm_demo.heads.training_free import mask_box
 from flmm_demo.heads.sam import (
     SAM_CHECKPOINT_NAMES,
     TINY_SAM,
@@ -42,6 +43,8 @@ from flmm_demo.heads.sam import (
     build_tiny_sam,
     decode_prompts,
 )
+from flmm_demo.metrics import intersection_union
+from flmm_demo.train import bce_dice_per_mask
 
 WEIGHTS_NAME = SAM_CHECKPOINT_NAMES["vit_tiny"]
 PROMPT_KINDS = ("box", "mask", "points")  # "mask" is a coarse mask plus its box
@@ -65,12 +68,6 @@ def to_encoder_frame(scene: S.Scene, encoder: SamImageEncoderCache) -> Example:
     masks = F.interpolate(masks, size=(h, w), mode="nearest")[0]
     size = encoder.img_size
     return Example(pixels[0], F.pad(masks, (0, size - w, 0, size - h)))
-
-
-def mask_box(mask: torch.Tensor) -> torch.Tensor:
-    """(S, S) mask -> (4,) x0, y0, x1, y1 (exclusive) in the same pixels."""
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
 
 
 def jitter_box(box: torch.Tensor, rng: np.random.Generator, size: int, scale: float = 0.1) -> torch.Tensor:
@@ -104,20 +101,13 @@ def sample_points(mask: torch.Tensor, rng: np.random.Generator) -> tuple[torch.T
     return torch.cat(coords), torch.cat(labels)
 
 
-def mask_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Per candidate: BCE + Dice. logits (M, S, S), target (S, S) -> (M,)."""
-    flat, t = logits.flatten(1), target.flatten()[None].expand(len(logits), -1)
-    bce = F.binary_cross_entropy_with_logits(flat, t, reduction="none").mean(1)
-    probs = flat.sigmoid()
-    dice = 1 - (2 * (probs * t).sum(1) + eps) / (probs.sum(1) + t.sum(1) + eps)
-    return bce + dice
-
-
 def prompt_loss(sam: Sam, features: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """Loss of one object under one random prompt. features: (1, C, g, g); mask: (S, S)."""
     kind = PROMPT_KINDS[int(rng.choice(len(PROMPT_KINDS), p=PROMPT_SHARES))]
     size = mask.shape[-1]
-    box = jitter_box(mask_box(mask), rng, size)[None] if kind != "points" else None
+    box = None
+    if kind != "points":
+        box = jitter_box(torch.from_numpy(mask_box(mask.numpy() > 0)).float(), rng, size)[None]
     points = None
     if kind == "points":
         coords, labels = sample_points(mask, rng)
@@ -130,13 +120,14 @@ def prompt_loss(sam: Sam, features: torch.Tensor, mask: torch.Tensor, rng: np.ra
         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense_embedding, multimask_output=multimask,
     )
     logits = F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)[0]
-    losses = mask_loss(logits, mask)
-    with torch.no_grad():
-        pred = logits > 0
-        inter = (pred & (mask > 0)).flatten(1).sum(1).float()
-        union = (pred | (mask > 0)).flatten(1).sum(1).float().clamp(min=1)
-        iou = inter / union
-    return losses.min() + F.mse_loss(iou_pred[0], iou)
+    losses = bce_dice_per_mask(logits, mask.expand_as(logits))
+    iou = torch.tensor([_iou(candidate > 0, mask) for candidate in logits.detach()])
+    return losses.min() + F.mse_loss(iou_pred[0], iou.to(iou_pred))
+
+
+def _iou(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> float:
+    inter, union = intersection_union(pred, target)
+    return inter / max(1, union)
 
 
 def _lr(progress: float, peak: float, warmup: float = 0.03) -> float:
@@ -149,9 +140,10 @@ def train(out_dir: str | Path, seed: int = 11, minutes: float = 25.0, batch_size
           max_objects: int = 4, max_steps: int | None = None, eval_scenes: int = 60,
           init: str | Path | None = None) -> dict:
     """Train a tiny SAM from scratch (or continue the one saved at `init`) for `minutes` of
-    wall clock (or max_steps) on scenes of seed `seed` (2-5 shapes), save it to out_dir/sam_vit_tiny.safetensors, evaluate it
-    on held-out scenes of seed + 1000 and return the figures (also written to
-    out_dir/train_log.jsonl) with "losses", the loss of every step."""
+    wall clock (or max_steps) on scenes of seed `seed` (2-5 shapes), save it to
+    out_dir/sam_vit_tiny.safetensors, evaluate it on held-out scenes of seed + 1000 and
+    return the figures (also written to out_dir/train_log.jsonl) with "losses", the loss
+    of every step."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -230,6 +222,5 @@ def evaluate(sam: Sam, seed: int, n: int = 60) -> dict[str, float]:
                 ("point", {"points": np.array([[xs[centre] + 0.5, ys[centre] + 0.5]]), "multimask_output": True}),
             ):
                 logits, _ = decode_prompts(prompts, embedding, **kwargs)
-                pred = (logits > 0).numpy()
-                ious[kind].append(float((pred & obj.mask).sum() / max(1, (pred | obj.mask).sum())))
+                ious[kind].append(_iou(logits > 0, obj.mask))
     return {f"iou_{k}": round(float(np.mean(v)), 4) for k, v in ious.items()}
