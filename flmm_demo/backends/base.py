@@ -53,6 +53,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import numbers
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -69,11 +71,16 @@ from transformers import (
     TextIteratorStreamer,
 )
 from transformers.cache_utils import DynamicLayer
+from transformers.utils.chat_template_utils import mark_control_tokens
 
 from flmm_demo.backends.capture import capture_attention, decoder_attention_modules, install_capture, stack_rows
 from flmm_demo.types import AnswerAttention, ImageView, Turn
 
 DEFAULT_GROUNDING_PROMPT = "Please give me a description of the image."
+# transformers' private-use markers around a control token typed in user text.
+_START, _END = mark_control_tokens("x", re.compile("x")).split("x")
+# A marked control token (its text is captured), or a lone marker.
+_MARKED = re.compile(f"{_START}(.*?){_END}|[{_START}{_END}]")
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,9 @@ class Backend:
     answer_prefix: ClassVar[str] = ""
     # Whether chat() can show more than one image in a prompt (visual chain of thought).
     multi_image: ClassVar[bool] = True
+    # Whether the processor encodes text marked by `as_plain_text` itself (transformers'
+    # sanitize_control_tokens); if not, `encode` puts the typed tokens' ids in afterwards.
+    processor_sanitizes: ClassVar[bool] = True
 
     def __init__(self, model: PreTrainedModel, processor: Any, *, grounding_prompt: str | None = None):
         self.model = model.eval()
@@ -155,6 +165,8 @@ class Backend:
         self.tokenizer = processor.tokenizer
         self.grounding_prompt = grounding_prompt or DEFAULT_GROUNDING_PROMPT
         text_config = model.config.get_text_config()
+        # Positions the decoder takes (prompt + answer); None when the config does not say.
+        self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
         self.num_layers: int = text_config.num_hidden_layers
         self.num_heads: int = text_config.num_attention_heads
         self.hidden_size: int = text_config.hidden_size
@@ -164,6 +176,8 @@ class Backend:
             raise ValueError(f"found {len(self._attention_modules)} decoder layers, config says {self.num_layers}")
         self._prefix: _Prefix | None = None
         self._last_generation: _Generation | None = None
+        self._control_re = _control_tokens_re(self.tokenizer, getattr(processor, "chat_template", None))
+        self._added_ids = _added_special_ids(self.tokenizer)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -201,14 +215,24 @@ class Backend:
             raise ValueError(
                 f"the {self.family} processor has no chat_template; load a chat checkpoint or set processor.chat_template"
             )
+        mark = self.as_plain_text
         messages: list[dict[str, Any]] = []
         for turn in history:
-            messages.append({"role": "user", "content": [{"type": "text", "text": turn.user}]})
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
-        messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+            messages.append({"role": "user", "content": [{"type": "text", "text": mark(turn.user)}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": mark(turn.assistant)}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": mark(question)}]})
         messages[-1]["content"][:0] = [{"type": "image"}] * extra_images
         messages[0]["content"].insert(0, {"type": "image"})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def as_plain_text(self, text: str) -> str:
+        """`text` with the control tokens it spells (`</s>`, `<image>`, `<|im_start|>`...) marked
+        as plain text: the prompt's tokenizer then encodes them as the characters they are,
+        never as the template's own tokens (transformers' `sanitize_control_tokens`).
+
+        Use it on every string a user (or a model answer) puts into a prompt.
+        """
+        return mark_control_tokens(text, self._control_re)
 
     def prepare_image(self, image: Image.Image, template: str) -> tuple[Image.Image, tuple[float, float, float, float]]:
         """(image for the processor, placement (ox, oy, sx, sy): its x is ox + sx * x in the original)."""
@@ -251,12 +275,8 @@ class Backend:
         image = image.convert("RGB")
         processed, (ox, oy, sx, sy) = self.prepare_image(image, template)
         images = [processed] + [self.prepare_image(extra.convert("RGB"), template)[0] for extra in extra_images]
-        inputs = self.processor(
-            images=images if extra_images else processed, text=text, return_tensors="pt", **self.processor_kwargs(template)
-        )
-        inputs = {k: v.to(self.model.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-        if "attention_mask" not in inputs:
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs = self.encode(images if extra_images else processed, text, template)
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         dtype = self.model.dtype
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         if not bool((inputs["input_ids"] == self.image_token_id).any()):
@@ -268,6 +288,60 @@ class Backend:
             for v in self.image_views(inputs, processed.size)
         ]
         return Prompt(inputs, views, image.size, _digest(inputs))
+
+    def encode(self, images: Image.Image | list[Image.Image], text: str, template: str) -> dict[str, torch.Tensor]:
+        """The processor's tensors for `text` (marked by `as_plain_text`) and its images.
+
+        Marked control tokens are encoded as plain text and never taken for image
+        placeholders; the tokenizer's own BOS/EOS go around the whole prompt.
+        """
+        kwargs = self.processor_kwargs(template)
+        # [template text, typed token, template text, ...]; a lone marker is an empty token
+        pieces = [piece or "" for piece in _MARKED.split(text)]
+        if len(pieces) == 1:
+            inputs = self.processor(images=images, text=text, return_tensors="pt", **kwargs)
+        elif self.processor_sanitizes:
+            inputs = self.processor(images=images, text=text, return_tensors="pt", add_special_tokens=False,
+                                    sanitize_control_tokens=True, **kwargs)
+            inputs = _grow(inputs, *self._added_ids)
+        else:
+            inputs = self._encode_with_stand_ins(images, pieces, kwargs)
+        inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        if "attention_mask" not in inputs:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        return inputs
+
+    def _encode_with_stand_ins(self, images: Any, pieces: list[str], kwargs: dict) -> dict[str, torch.Tensor]:
+        """For processors that cannot encode marked text: each typed control token is
+        replaced by a control token the template does not use (a stand-in the processor
+        leaves alone), and its plain-text ids are put in the stand-in's place afterwards."""
+        template_text = "".join(pieces[0::2])
+        used = set(self._control_re.findall(template_text)) | {self.processor.image_token if hasattr(self.processor, "image_token") else ""}
+        free = [t for t in self.tokenizer.all_special_tokens if t not in used and t not in template_text]
+        if not free:
+            raise ValueError("the question spells the model's control tokens, and this processor cannot encode them as text")
+        stand_in = free[0]
+        stand_in_id = self.tokenizer.convert_tokens_to_ids(stand_in)
+        text = "".join(piece if i % 2 == 0 else stand_in for i, piece in enumerate(pieces))
+        inputs = self.processor(images=images, text=text, return_tensors="pt", **kwargs)
+        ids = inputs["input_ids"][0].tolist()
+        typed = iter(pieces[1::2])
+        pieces_ids: list[list[int]] = []
+        for token in ids:
+            if token == stand_in_id:
+                pieces_ids.append(self.tokenizer(next(typed), add_special_tokens=False,
+                                                 split_special_tokens=True)["input_ids"])
+            else:
+                pieces_ids.append([token])
+        out = dict(inputs)
+        for name, tensor in inputs.items():
+            if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] == len(ids) \
+                    and not tensor.is_floating_point():
+                row = tensor[0].tolist()
+                values = [v for piece, value in zip(pieces_ids, row) for v in
+                          (piece if name == "input_ids" else [value] * len(piece))]
+                out[name] = torch.tensor([values], dtype=tensor.dtype)
+        return out
 
     # -------------------------------------------------------------- prefill
     def _prefilled(self, prompt: Prompt) -> _Prefix:
@@ -290,6 +364,46 @@ class Backend:
             prefix.cache = copy.deepcopy(prefix.pristine)
         elif extra > 0:
             prefix.cache.crop(-extra)
+
+    # ---------------------------------------------------------------- context
+    def fit_context(
+        self, image: Image.Image, history: list[Turn], question: str, max_new_tokens: int, *,
+        answer_start: str = "", extra_images: Sequence[Image.Image] = (),
+    ) -> tuple[int, int]:
+        """The newest turns of `history` that fit the model's context with room for the answer.
+
+        Returns (first kept turn, max_new_tokens that fit): the prompt of
+        history[first:] plus the answer stays within `context_length` positions; the
+        answer's budget is cut only when even the question alone leaves less room.
+        Raises ValueError when the image and the question alone do not fit.
+        """
+        check_max_new_tokens(max_new_tokens)
+        limit = self.context_length
+        if limit is None:
+            return 0, max_new_tokens
+
+        def length(first: int) -> int:
+            prompt = self.build_prompt(image, history[first:], question, "chat", answer_start, extra_images)
+            return prompt.input_ids.shape[1]
+
+        if length(0) + max_new_tokens <= limit:
+            return 0, max_new_tokens
+        lo, hi = 1, len(history)  # the fewest turns to drop: prompt length falls as turns go
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if length(mid) + max_new_tokens <= limit:
+                hi = mid
+            else:
+                lo = mid + 1
+        alone = length(lo)
+        if alone + max_new_tokens <= limit:
+            return lo, max_new_tokens
+        if alone < limit:
+            return len(history), limit - alone
+        raise ValueError(
+            f"The image and the question take {alone:,} tokens, and the model reads at most {limit:,}: "
+            "shorten the question."
+        )
 
     # ------------------------------------------------------------------- chat
     def chat(
@@ -327,7 +441,9 @@ class Backend:
         **generate_kwargs: Any,
     ) -> Iterator[str]:
         """Yield the answer's text deltas as they are generated (same arguments as chat)."""
+        check_max_new_tokens(max_new_tokens)
         prompt = self.build_prompt(image, history, question, "chat", answer_start, extra_images)
+        self._check_fits(prompt, 1, "the question")
         prefix = self._prefilled(prompt)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = _StopFlag()
@@ -369,6 +485,15 @@ class Backend:
             ids.pop()
         self._last_generation = _Generation(prompt.key, "".join(pieces), ids)
 
+    def _check_fits(self, prompt: Prompt, new_tokens: int, what: str) -> None:
+        """ValueError when the prompt and `new_tokens` more exceed the model's positions."""
+        total = prompt.input_ids.shape[1] + new_tokens
+        if self.context_length is not None and total > self.context_length:
+            raise ValueError(
+                f"The prompt with {what} needs {total:,} tokens, and the model reads at most "
+                f"{self.context_length:,}: shorten {what} or start a new conversation."
+            )
+
     def _pad_token_id(self) -> int | None:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -394,6 +519,7 @@ class Backend:
         """
         prompt = self.build_prompt(image, history, question, template, answer_start)
         ids, spans = self.answer_tokens(prompt, answer)
+        self._check_fits(prompt, len(ids), "the text to ground")
         prefix = self._prefilled(prompt)
         device = prompt.input_ids.device
         new_ids = torch.cat([prompt.input_ids[:, -1:], torch.tensor([ids], device=device)], dim=1)  # (1, T+1)
@@ -447,8 +573,16 @@ class Backend:
         if last is not None and last.key == prompt.key and last.text.strip() == answer.strip():
             ids = list(last.ids)
         else:
-            ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
+            # Whatever the answer spells, it is text: no control token, no image placeholder.
+            ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return ids, token_char_spans(self.tokenizer, ids, answer)
+
+
+def check_max_new_tokens(max_new_tokens: Any) -> int:
+    """`max_new_tokens` if it is a whole number of at least 1; ValueError otherwise."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
+    return int(max_new_tokens)
 
 
 def token_char_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[int, int]]:
@@ -477,6 +611,45 @@ def token_char_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[in
         if "\ufffd" not in decoded:
             decoded_before = decoded
     return spans
+
+
+def _control_tokens_re(tokenizer: Any, chat_template: str | None) -> re.Pattern:
+    """A regex matching the tokenizer's control tokens: its special tokens and the added
+    tokens the chat template writes (longest first, so a token wins over its parts)."""
+    template = chat_template if isinstance(chat_template, str) else ""
+    tokens = {
+        t.content for t in tokenizer.added_tokens_decoder.values()
+        if t.content.strip() and (t.special or t.content in template)
+    }
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) or "(?!)")
+
+
+def _grow(inputs: Any, before: list[int], after: list[int]) -> dict[str, Any]:
+    """Add ids before/after the sequence of a (1, S) encoding; the other per-token tensors
+    grow with them (attention mask 1, token types 0)."""
+    inputs = dict(inputs)
+    if not before and not after:
+        return inputs
+    length = inputs["input_ids"].shape[1]
+    for name, tensor in list(inputs.items()):
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] == length \
+                and not tensor.is_floating_point():
+            fill = 1 if name == "attention_mask" else 0
+            head = before if name == "input_ids" else [fill] * len(before)
+            tail = after if name == "input_ids" else [fill] * len(after)
+            inputs[name] = torch.cat([torch.tensor([head], dtype=tensor.dtype), tensor,
+                                      torch.tensor([tail], dtype=tensor.dtype)], dim=1)
+    return inputs
+
+
+def _added_special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text of its own accord (BOS, EOS)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    return [], []
 
 
 def _cache_name(model: Any) -> str:

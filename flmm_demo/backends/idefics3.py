@@ -49,6 +49,8 @@ class Idefics3Backend(Backend):
     """Idefics3 / SmolVLM v1: SigLIP tiles + global image, pixel-shuffle connector, Llama decoder."""
 
     multi_image = False  # not verified with several images: visual CoT asks with the crop alone
+    # Its processor counts image placeholders in the raw text and needs the tokenizer's offsets.
+    processor_sanitizes = False
     family = "idefics3"
     model_class = Idefics3ForConditionalGeneration
     # The prompt ends with "Assistant:"; the model's answer starts with a space.
