@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -15,18 +16,59 @@ from PIL import Image
 from tqdm import tqdm
 
 
+def result_folder_name(image: str | Path, taken: set[str]) -> str:
+    """The folder name for one image's results, inside --out, and adds it to `taken`.
+
+    The image's stem made safe: no path separators, control or reserved characters, no
+    leading or trailing dots or spaces (so "..png" cannot name the parent folder), at
+    most 100 characters, "image" when nothing is left. A name already in `taken`
+    (compared case-insensitively) gets "-2", "-3", ...
+    """
+    stem = re.sub(r'[\x00-\x1f\x7f/\\:*?"<>|]+', "_", Path(image).stem).strip(" .")[:100].strip(" .")
+    name = stem or "image"
+    candidate, n = name, 1
+    while candidate.lower() in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    taken.add(candidate.lower())
+    return candidate
+
+
+def output_folder(path: str) -> Path:
+    """--out as a folder, created if needed; ValueError when it cannot be one."""
+    if not str(path).strip():
+        raise ValueError("--out is empty: give the folder to write the results in")
+    out_dir = Path(path).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder: give a folder for the results")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out_dir}: {err.strerror or err}") from None
+    return out_dir
+
+
 def ground_images(args: argparse.Namespace) -> int:
-    """Ground each image; a bad file is reported and skipped, the rest go on."""
-    from .grounder import Grounder
+    """Ground each image; a bad file is reported and skipped, the rest go on.
+
+    Each image's results go to their own folder in --out (see `result_folder_name`);
+    folders already there are never overwritten.
+    """
+    from .grounder import Grounder, check_question
     from .images import ImageError
+    from .presets import MissingWeightsError
     from .render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
 
-    grounder = Grounder.from_preset(args.model)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_question(args.expression or args.question, "expression" if args.expression else "question")
+        out_dir = output_folder(args.out)
+        grounder = Grounder.from_preset(args.model)
+    except (MissingWeightsError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    taken = {p.name.lower() for p in out_dir.iterdir()}
     failures = 0
     for path in tqdm(args.images, desc="grounding", unit="image", disable=len(args.images) < 2):
-        stem = Path(path).stem
         try:
             session = grounder.new_session(path)
             if args.expression:
@@ -39,8 +81,8 @@ def ground_images(args: argparse.Namespace) -> int:
             failures += 1
             tqdm.write(f"skipped {path}: {error}", file=sys.stderr)
             continue
-        image_dir = out_dir / stem
-        image_dir.mkdir(parents=True, exist_ok=True)
+        image_dir = out_dir / result_folder_name(path, taken)
+        image_dir.mkdir()
         colors = palette(len(grounded))
         record = {
             "image": str(path),
@@ -72,6 +114,17 @@ def ground_images(args: argparse.Namespace) -> int:
     return 0 if done else 1
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flmm_demo", description="F-LMM grounding demo tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     ground.add_argument("--model", default=None, help="preset name or model folder (default: $FLMM_PRESET or demo-shapes)")
     ground.add_argument("--mode", default="auto", choices=["auto", "head", "training_free"])
     ground.add_argument("--no-refine", action="store_true", help="skip the SAM refiner")
-    ground.add_argument("--max-new-tokens", type=int, default=128)
+    ground.add_argument("--max-new-tokens", type=positive_int, default=128)
 
     from . import evaluate, train
 
