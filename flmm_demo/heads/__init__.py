@@ -7,9 +7,14 @@
 """
 from __future__ import annotations
 
+import json
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from flmm_demo.heads.checkpoint import load_official_flmm
 from flmm_demo.heads.flmm_head import FlmmHead, FlmmHeadConfig, HeadOutput, LmmShape
@@ -55,10 +60,12 @@ def load_head(path: str | Path, lmm: LmmShape, device: str | torch.device = "cpu
     """
     path = Path(path)
     if path.is_dir():
-        head = FlmmHead.from_pretrained(path, device=device)
+        with readable(path, "F-LMM head"):
+            head = FlmmHead.from_pretrained(path, device=device)
         head.check_compatible(lmm)
         return head
-    head = load_official_flmm(path, num_layers=lmm.num_layers, num_heads=lmm.num_heads, hidden_size=lmm.hidden_size)
+    with readable(path, "F-LMM head"):
+        head = load_official_flmm(path, num_layers=lmm.num_layers, num_heads=lmm.num_heads, hidden_size=lmm.hidden_size)
     return head.to(device)
 
 
@@ -77,4 +84,29 @@ def sam_variant_of(path: str | Path) -> str:
 def load_sam(path: str | Path, device: str | torch.device = "cpu", variant: str | None = None) -> SamImageEncoderCache:
     """A SAM image-encoder cache (with SAM's own prompt decoder) from an original SAM checkpoint
     or the demo world's sam_vit_tiny.safetensors."""
-    return SamImageEncoderCache.from_checkpoint(variant or sam_variant_of(path), path, device=device)
+    variant = variant or sam_variant_of(path)
+    with readable(path, f"SAM {variant} checkpoint"):
+        return SamImageEncoderCache.from_checkpoint(variant, path, device=device)
+
+
+@contextmanager
+def readable(path: Path | str, what: str) -> Iterator[None]:
+    """Turn the errors of reading a damaged, truncated or wrong file into one ValueError
+    that names the file and what it should be (clear errors raised inside pass through)."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as err:
+        if not isinstance(err, json.JSONDecodeError):
+            raise
+        detail = f"its config.json is not valid JSON: {err}"
+    except pickle.UnpicklingError:
+        detail = "not a file of plain tensors"  # never suggest weights_only=False: that runs the file's code
+    except (SafetensorError, OSError, EOFError, RuntimeError, KeyError, TypeError) as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    else:
+        return
+    raise ValueError(
+        f"{path} could not be read as a {what} ({detail}). The file is damaged, incomplete, or not this "
+        "kind of checkpoint: download or copy it again."
+    )
+

@@ -33,8 +33,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"{path} holds more than tensors, so it is not loaded (it could run code). Re-save its "
-            "state dict with torch.save(dict(state_dict), ...) in a trusted environment."
+            f"{path} is not a plain PyTorch state dict: it is damaged, or it holds more than tensors, which "
+            "is not loaded because it could run code. Download it again, or re-save its state dict with "
+            "torch.save(dict(state_dict), ...) in a trusted environment."
         ) from err
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -305,11 +305,13 @@ class SamImageEncoderCache:
     def preprocess(self, image: Image.Image | np.ndarray) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         """Image -> ((1, 3, img_size, img_size) normalised and zero-padded, input_size, original_size).
 
-        Longest side resized to img_size with segment-anything's own resize, SAM mean/std
-        normalisation, zero padding at the bottom/right.
+        Longest side resized to img_size as segment-anything's ResizeLongestSide does
+        (bilinear, its rounding), but never below 1 pixel: a 1x3000 strip has a short side
+        that rounds to 0 there. SAM mean/std normalisation, zero padding at the bottom/right.
         """
         array = image_to_array(image)
-        resized = self._resize.apply_image(array)
+        h, w = self._resize.get_preprocess_shape(array.shape[0], array.shape[1], self.img_size)
+        resized = np.array(Image.fromarray(array).resize((max(w, 1), max(h, 1)), Image.BILINEAR))
         x = torch.as_tensor(resized).permute(2, 0, 1).float()
         x = (x - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
