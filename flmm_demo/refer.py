@@ -5,7 +5,7 @@ Two on-disk layouts are read.
 1. The standard refer layout (RefCOCO, RefCOCO+, RefCOCOg), one folder per dataset::
 
        refcoco/instances.json      COCO annotations: images, annotations (polygons or RLE)
-       refcoco/refs(unc).p         pickled list of refs: ref_id, ann_id, image_id, split,
+       refcoco/refs(unc).p         pickled list of refs (read without running code, refs_file.py): ref_id, ann_id, image_id, split,
                                    category_id, sentences [{sent, raw, tokens, sent_id}]
        refcoco/refs(google).p      the same refs under another split ("split_by")
 
@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
+
+from flmm_demo.refs_file import read_refs
 
 import numpy as np
 from PIL import Image
@@ -206,10 +207,8 @@ def _open_refer_layout(data: Path, split: str, images: str | Path | None, split_
     if split_by not in refs_files:
         raise ValueError(f"no refs({split_by}).p in {data}; available: {sorted(refs_files)}")
 
-    with open(refs_files[split_by], "rb") as f:
-        # The released refs files were pickled by Python 2; latin1 reads their byte strings.
-        # Pickles can run code: only open refs files from a source you trust.
-        refs = pickle.load(f, encoding="latin1")
+    # A pickle, read by an unpickler that builds only plain data (never runs code).
+    refs = read_refs(refs_files[split_by])
     available = sorted({str(r["split"]) for r in refs})
     if split not in available:
         raise ValueError(f"split {split!r} is not in refs({split_by}).p; available splits: {available}")

@@ -441,12 +441,14 @@ def write_refer_dataset(out_dir: str | Path, n_images: int, seed: int, split: st
     """
     from pycocotools import mask as mask_utils
 
+    from flmm_demo.refs_file import read_refs
+
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     inst_path, refs_path = out / "instances.json", out / "refs(unc).p"
     if inst_path.exists():
         coco = json.loads(inst_path.read_text())
-        refs = pickle.loads(refs_path.read_bytes())
+        refs = read_refs(refs_path)
     else:
         coco = {"images": [], "annotations": [], "categories": [
             {"id": k + 1, "name": s, "supercategory": "shape"} for k, s in enumerate(SHAPES)]}
