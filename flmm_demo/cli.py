@@ -10,6 +10,7 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from PIL import Image
@@ -54,7 +55,7 @@ def ground_images(args: argparse.Namespace) -> int:
     Each image's results go to their own folder in --out (see `result_folder_name`);
     folders already there are never overwritten.
     """
-    from .grounder import Grounder, check_question
+    from .grounder import Grounder, MissingPartWarning, check_question
     from .images import ImageError
     from .presets import MissingWeightsError
     from .render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
@@ -62,10 +63,14 @@ def ground_images(args: argparse.Namespace) -> int:
     try:
         check_question(args.expression or args.question, "expression" if args.expression else "question")
         out_dir = output_folder(args.out)
-        grounder = Grounder.from_preset(args.model)
+        with warnings.catch_warnings():  # said once below, not as a Python warning
+            warnings.simplefilter("ignore", MissingPartWarning)
+            grounder = Grounder.from_preset(args.model)
     except (MissingWeightsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for message in grounder.info.missing:
+        print(f"warning: {message}", file=sys.stderr)
     taken = {p.name.lower() for p in out_dir.iterdir()}
     failures = 0
     for path in tqdm(args.images, desc="grounding", unit="image", disable=len(args.images) < 2):

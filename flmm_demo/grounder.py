@@ -16,8 +16,11 @@ The whole flow of one grounding is `Session.ground`: attention of the answer (ba
 """
 from __future__ import annotations
 
+import numbers
 import queue
 import threading
+import unicodedata
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .backends import Backend, load_backend
+from .backends.base import check_max_new_tokens
 from .geometry import views_to_image
 from .heads.training_free import mask_box
 from .images import fit_for_model, load_image
@@ -44,6 +48,10 @@ VCOT_REGION = "The second image is the image region that might help you answer t
 VCOT_REGION_ALONE = "This is the image region that might help you answer the question."
 
 
+class MissingPartWarning(UserWarning):
+    """A preset loaded without one of its parts (F-LMM head or SAM): fewer modes."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the loaded model is and can do (shown in the UI and by `doctor`)."""
@@ -54,6 +62,8 @@ class ModelInfo:
     is_demo: bool
     has_head: bool
     has_sam: bool
+    # One message per part the preset uses but could not find (head, SAM): show them.
+    missing: tuple[str, ...] = ()
 
     @property
     def modes(self) -> list[str]:
@@ -71,14 +81,28 @@ class VisualCoT:
     answer: str
 
 
-def check_question(question: str) -> str:
+def check_text(text: str, what: str) -> str:
+    """`text` unchanged; ValueError when it holds a lone surrogate (it cannot be encoded)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # half of an emoji's surrogate pair, or a bad paste
+        raise ValueError(
+            f"The {what} contains a broken character at position {err.start} "
+            f"({text[err.start]!r}, half of a character pair); retype or re-paste it."
+        ) from None
+    return text
+
+
+def check_question(question: str, what: str = "question") -> str:
     """The question, stripped; a ValueError a user can act on when it is unusable."""
     if not isinstance(question, str) or not question.strip():
-        raise ValueError("The question is empty: type a question about the image.")
-    question = question.strip()
+        raise ValueError(f"The {what} is empty: type a {what} about the image.")
+    question = check_text(question.strip(), what)
+    if not any(unicodedata.category(c)[0] in "LNS" for c in question):  # letters, digits, symbols/emoji
+        raise ValueError(f"The {what} is only punctuation: type words.")
     if len(question) > MAX_QUESTION_CHARS:
         raise ValueError(
-            f"The question is {len(question):,} characters long; the limit is {MAX_QUESTION_CHARS:,}. "
+            f"The {what} is {len(question):,} characters long; the limit is {MAX_QUESTION_CHARS:,}. "
             "Shorten it and ask again."
         )
     return question
@@ -118,7 +142,10 @@ class Grounder:
         info = ModelInfo(
             name=resolved.name, family=backend.family, description=resolved.description,
             is_demo=resolved.is_demo, has_head=head is not None, has_sam=sam is not None,
+            missing=tuple(resolved.missing_parts()),
         )
+        for message in info.missing:  # loading goes on with fewer modes, but never silently
+            warnings.warn(message, MissingPartWarning, stacklevel=2)
         return cls(backend, head, sam, info=info)
 
     # ----------------------------------------------------- SamPredictor-like use
@@ -204,7 +231,30 @@ class Session:
         self.image = load_image(image)  # full size, RGB, EXIF applied
         self.model_image, _ = fit_for_model(self.image)
         self.history: list[Turn] = []
+        # Per turn of `history`: the index of the first earlier turn its prompt held (the
+        # older ones did not fit the model's context). ground() replays the same prompt.
+        self._context_starts: list[int] = []
         self._sam_job = grounder.sam.start(self.model_image) if grounder.sam is not None else None
+
+    @property
+    def dropped_turns(self) -> int:
+        """How many of the oldest turns were left out of the last answer's prompt (0: none)."""
+        return self._context_starts[-1] if self._context_starts else 0
+
+    @property
+    def context_note(self) -> str | None:
+        """A line for the user when older turns no longer fit the model's context, else None."""
+        n = self.dropped_turns
+        if not n:
+            return None
+        limit = self.grounder.backend.context_length
+        turns = "turn was" if n == 1 else f"{n} turns were"
+        return (f"The conversation is longer than the model's {limit:,}-token context: the oldest {turns} "
+                "left out of the last answer's prompt (the model no longer sees them).")
+
+    def _window(self, question: str, max_new_tokens: int, **kw: Any) -> tuple[int, int]:
+        """(first turn of history that fits, answer budget) for a new question."""
+        return self.grounder.backend.fit_context(self.model_image, self.history, question, max_new_tokens, **kw)
 
     # ------------------------------------------------------------------- chat
     def stream_chat(self, question: str, *, max_new_tokens: int = 256) -> Iterator[str]:
@@ -216,15 +266,18 @@ class Session:
         generator early stops the generation.
         """
         question = check_question(question)
+        check_max_new_tokens(max_new_tokens)
         deltas: queue.Queue = queue.Queue()
         stop = threading.Event()
-        history = list(self.history)
+        window: list[int] = []
 
         def produce() -> None:
             try:
                 with self.grounder.lock:
+                    start, budget = self._window(question, max_new_tokens)
+                    window.append(start)
                     stream = self.grounder.backend.stream_chat(
-                        self.model_image, history, question, max_new_tokens=max_new_tokens
+                        self.model_image, self.history[start:], question, max_new_tokens=budget
                     )
                     try:
                         for delta in stream:
@@ -253,6 +306,7 @@ class Session:
         finally:
             stop.set()
         self.history.append(Turn(question, "".join(pieces).strip()))
+        self._context_starts.append(window[0])
 
     def chat(self, question: str, *, max_new_tokens: int = 256) -> str:
         """Answer a question about the image (multi-turn: earlier turns are in the prompt)."""
@@ -262,6 +316,11 @@ class Session:
 
     def clear(self) -> None:
         self.history.clear()
+        self._context_starts.clear()
+
+    def _context(self) -> tuple[str, list[Turn]]:
+        """The last question and the turns before it that its prompt held."""
+        return self.history[-1].user, self.history[self.dropped_turns:-1]
 
     def sam_status(self) -> str:
         if self._sam_job is None:
@@ -284,15 +343,18 @@ class Session:
         if answer is None:
             if not self.history:
                 raise ValueError("There is no answer to ground yet: ask a question first.")
-            turn, history = self.history[-1], self.history[:-1]
-            answer, question = turn.assistant, turn.user
+            answer = self.history[-1].assistant
+        elif not isinstance(answer, str):
+            raise ValueError(f"The answer to ground must be text, got {type(answer).__name__}.")
         else:
-            question, history = (self.history[-1].user, self.history[:-1]) if self.history else ("", [])
-        if not answer.strip():
+            check_text(answer, "answer")
+        question, history = self._context() if self.history else ("", [])
+        spans = check_spans(spans, answer) if spans is not None else None
+        if not answer.strip() or spans == []:
             return []
         with self.grounder.lock:
             attention = self.grounder.backend.attend(self.model_image, history, question, answer, template="chat")
-            phrases = (phrases_from_spans(answer, list(spans), attention.token_spans) if spans is not None
+            phrases = (phrases_from_spans(answer, spans, attention.token_spans) if spans is not None
                        else extract_phrases(answer, attention.token_spans))
             grounded = self.grounder.segment(attention, phrases, mode=mode, refine=refine,
                                              sam_embedding=self._sam_embedding(refine))
@@ -300,7 +362,7 @@ class Session:
 
     def ground_expression(self, expression: str, *, mode: str = "auto", refine: bool = True) -> GroundedPhrase:
         """Mask of a typed referring expression, teacher-forced as F-LMM evaluates."""
-        expression = check_question(expression)
+        expression = check_question(expression, "expression")
         with self.grounder.lock:
             attention = self.grounder.backend.attend(self.model_image, [], "", expression, template="flmm")
             phrase = Phrase(expression, (0, len(expression)), (0, len(attention.token_ids)))
@@ -316,15 +378,20 @@ class Session:
         with the attention it was generated with); the crop answer is in the result.
         """
         question = check_question(question)
+        check_max_new_tokens(max_new_tokens)
         backend = self.grounder.backend
         with self.grounder.lock:
-            first = backend.chat(self.model_image, self.history, question, max_new_tokens=max_new_tokens)
+            start, budget = self._window(question, max_new_tokens)
+            history = self.history[start:]
+            first = backend.chat(self.model_image, history, question, max_new_tokens=budget)
             probe = f"{question} {VCOT_HINT}"
-            lead = backend.chat(self.model_image, self.history, probe, max_new_tokens=32,
+            probe_start, probe_budget = self._window(probe, 32, answer_start=VCOT_LEAD)
+            probe_history = self.history[probe_start:]
+            lead = backend.chat(self.model_image, probe_history, probe, max_new_tokens=probe_budget,
                                 answer_start=VCOT_LEAD).strip()
-            attention = backend.attend(self.model_image, self.history, probe, lead, template="chat",
-                                       answer_start=VCOT_LEAD)
-            phrases = extract_phrases(lead, attention.token_spans)
+            attention = backend.attend(self.model_image, probe_history, probe, lead, template="chat",
+                                       answer_start=VCOT_LEAD) if lead else None
+            phrases = extract_phrases(lead, attention.token_spans) if attention is not None else []
             if phrases:  # ground the generated object words together (mean over their tokens)
                 span = (phrases[0].token_span[0], phrases[-1].token_span[1])
                 obj_phrase = Phrase(lead[phrases[0].char_span[0]:phrases[-1].char_span[1]],
@@ -337,15 +404,26 @@ class Session:
             box = enlarge_box(obj.box if obj is not None else None, self.image.size)
             crop = self.image.crop(box)
             crop_for_model, _ = fit_for_model(crop)
-            if backend.multi_image:  # the whole image and the crop, as F-LMM asks
-                answer = backend.chat(self.model_image, self.history, f"{VCOT_REGION} {question}",
-                                      max_new_tokens=max_new_tokens, extra_images=[crop_for_model])
+            both = None
+            if backend.multi_image:  # the whole image and the crop, as F-LMM asks, when both fit
+                crop_question = f"{VCOT_REGION} {question}"
+                try:
+                    both = self._window(crop_question, max_new_tokens, extra_images=[crop_for_model])
+                except ValueError:  # two images exceed the model's context: the crop alone
+                    both = None
+            if both is not None:
+                answer = backend.chat(self.model_image, self.history[both[0]:], crop_question,
+                                      max_new_tokens=both[1], extra_images=[crop_for_model])
             else:
-                answer = backend.chat(crop_for_model, self.history, f"{VCOT_REGION_ALONE} {question}",
-                                      max_new_tokens=max_new_tokens)
+                crop_question = f"{VCOT_REGION_ALONE} {question}"
+                crop_start, crop_budget = backend.fit_context(crop_for_model, self.history, crop_question,
+                                                              max_new_tokens)
+                answer = backend.chat(crop_for_model, self.history[crop_start:], crop_question,
+                                      max_new_tokens=crop_budget)
         # The conversation goes on from the whole-image answer; the probe and the crop
         # question are steps of the chain, not turns the user had.
         self.history.append(Turn(question, first.strip()))
+        self._context_starts.append(start)
         return VisualCoT(first.strip(), obj, box, crop, answer.strip())
 
     def _full_size(self, g: GroundedPhrase) -> GroundedPhrase:
@@ -357,6 +435,28 @@ class Session:
         heat = F.interpolate(torch.from_numpy(g.heatmap)[None, None], size=(size[1], size[0]),
                              mode="bilinear", align_corners=False)[0, 0].numpy()
         return GroundedPhrase(g.phrase, mask, box_of(mask), g.score, heat)
+
+
+def check_spans(spans: Any, answer: str) -> list[tuple[int, int]]:
+    """Character spans as a list of (start, end) int pairs; a ValueError naming the bad one.
+
+    Each span must be two whole numbers with 0 <= start < end <= len(answer).
+    """
+    if isinstance(spans, (str, bytes)) or not isinstance(spans, Sequence):
+        raise ValueError(f"spans must be a list of (start, end) pairs, got {type(spans).__name__}")
+    checked = []
+    for span in spans:
+        if (isinstance(span, (str, bytes)) or not isinstance(span, Sequence) or len(span) != 2
+                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in span)):
+            raise ValueError(f"each span must be a (start, end) pair of whole numbers, got {span!r}")
+        start, end = int(span[0]), int(span[1])
+        if not 0 <= start < end <= len(answer):
+            raise ValueError(
+                f"character span ({start}, {end}) must be non-empty and inside the answer "
+                f"(0 <= start < end <= {len(answer)})"
+            )
+        checked.append((start, end))
+    return checked
 
 
 def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -209,6 +209,19 @@ class ResolvedModel:
             )
         raise MissingWeightsError(_head_message(preset))
 
+    def missing_parts(self) -> list[str]:
+        """What this preset uses but cannot find (its F-LMM head, its SAM), one message each
+        saying where it was looked for and how to get it; [] when nothing is missing."""
+        preset = self.preset
+        if preset is None:
+            return []
+        missing = []
+        if preset.flmm_head and self.head_path is None:
+            missing.append(_head_message(preset) + "\nUntil then only training-free grounding is available.")
+        if preset.sam and self.sam_path is None:
+            missing.append(_sam_message(preset.sam) + "\nUntil then masks are not refined by SAM.")
+        return missing
+
     def require_sam(self) -> Path:
         """The SAM checkpoint file; MissingWeightsError with the download command if absent."""
         if self.sam_path is not None:
@@ -417,7 +430,7 @@ def _model_type(config_path: Path) -> str | None:
 
     try:
         return json.loads(config_path.read_text()).get("model_type")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or not a JSON object
         return None
 
 

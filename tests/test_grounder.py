@@ -11,6 +11,7 @@ from flmm_demo.backends.testing import tiny_llava
 from flmm_demo.grounder import Grounder, enlarge_box
 from flmm_demo.heads import FlmmHead, FlmmHeadConfig
 from flmm_demo.images import ImageError
+from flmm_demo.types import Turn
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,10 @@ def test_chat_keeps_history_and_bad_input_keeps_it(backend, head):
         with pytest.raises(ValueError):
             session.chat(bad)
     assert len(session.history) == 1
-    session.ground()  # the last answer, with the prompt it was generated from
+    # The last answer, with the prompt it was generated from: the same phrases as grounding its text.
+    grounded = session.ground()
+    assert [g.phrase for g in grounded] == [g.phrase for g in session.ground(answer)]
+    assert all(answer[slice(*g.phrase.char_span)] == g.phrase.text and g.mask.shape == (64, 96) for g in grounded)
     session.clear()
     with pytest.raises(ValueError, match="ask a question first"):
         session.ground()
@@ -115,20 +119,33 @@ def test_enlarge_box_stays_inside_the_image():
     assert x1 <= 100 and y1 <= 50 and x1 - x0 == 16
 
 
-def test_visual_chain_of_thought_crops_the_grounded_object(backend, head):
+def test_visual_chain_of_thought_crops_the_grounded_object(demo_grounder):
+    """On the demo model the object is always found: the crop holds its mask's box."""
+    from flmm_demo.demo_world import make_scene
+
+    scene_ = make_scene(0)
+    session = demo_grounder.new_session(Image.fromarray(scene_.image))
+    height, width = scene_.image.shape[:2]
+    cot = session.visual_cot("what colour is the square?", max_new_tokens=12)
+    assert cot.object is not None and cot.object.box is not None
+    assert "square" in cot.object.phrase.text and cot.first_answer and cot.answer
+    x0, y0, x1, y1 = cot.crop_box
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    assert cot.crop.size == (x1 - x0, y1 - y0)
+    ox0, oy0, ox1, oy1 = cot.object.box  # the crop contains the grounded object
+    assert x0 <= ox0 and y0 <= oy0 and ox1 <= x1 and oy1 <= y1
+    # The whole-image answer is the turn; the probe and crop questions are not.
+    assert [t.user for t in session.history] == ["what colour is the square?"]
+    assert session.history[-1].assistant == cot.first_answer
+    assert all(g.mask.shape == (height, width) for g in session.ground())
+
+
+def test_visual_chain_of_thought_on_a_tiny_model(backend, head):
     session = Grounder(backend, head).new_session(scene(128, 96))
     cot = session.visual_cot("What colour is the mat?", max_new_tokens=6)
     x0, y0, x1, y1 = cot.crop_box
-    assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 96
-    assert cot.crop.size == (x1 - x0, y1 - y0)
-    assert isinstance(cot.first_answer, str) and isinstance(cot.answer, str)
-    if cot.object is not None and cot.object.box is not None:
-        ox0, oy0, ox1, oy1 = cot.object.box  # the crop contains the grounded object
-        assert x0 <= ox0 and y0 <= oy0 and ox1 <= x1 and oy1 <= y1
-    # The whole-image answer is the turn; the probe and crop questions are not.
-    assert [t.user for t in session.history] == ["What colour is the mat?"]
-    assert session.history[-1].assistant == cot.first_answer
-    assert all(g.mask.shape == (96, 128) for g in session.ground())
+    assert 0 <= x0 < x1 <= 128 and 0 <= y0 < y1 <= 96 and cot.crop.size == (x1 - x0, y1 - y0)
+    assert session.history == [Turn("What colour is the mat?", cot.first_answer)]
 
 
 def test_training_free_expression_has_a_heat_map(backend):
@@ -157,7 +174,8 @@ def test_a_stream_advanced_from_several_threads_and_closed_early(backend, head):
     next(early, None)
     early.close()
     assert len(session.history) == 1  # an abandoned answer is not a turn
-    assert session.chat("Describe the image.", max_new_tokens=4) is not None  # the lock was released
+    answer = session.chat("Describe the image.", max_new_tokens=4)  # the lock was released
+    assert session.history[-1] == Turn("Describe the image.", answer)
 
 
 def test_a_one_pixel_image_is_grounded_at_its_size(backend, head):

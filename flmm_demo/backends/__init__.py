@@ -40,8 +40,15 @@ def model_type_of(path_or_id: str) -> str:
     """`model_type` from a local folder's config.json, or from the cached Hugging Face config."""
     config_file = os.path.join(path_or_id, "config.json")
     if os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{config_file} is not valid JSON ({err}); the file is damaged: copy or download the model again"
+            ) from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file} does not hold a model configuration (a JSON object)")
     else:
         from transformers import PretrainedConfig
 

@@ -58,10 +58,12 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import (
     AutoProcessor,
     DynamicCache,
@@ -135,6 +137,41 @@ class _Generation:
     ids: list[int]
 
 
+class ModelFilesError(ValueError):
+    """A model folder lacks a file or holds a damaged one; the message names it."""
+
+
+# Without one of these a folder has no tokenizer (the processor cannot be built).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def check_model_folder(path_or_id: str) -> None:
+    """For a local folder: ModelFilesError naming what is missing or empty (weights, tokenizer)."""
+    folder = Path(path_or_id)
+    if not folder.is_dir():
+        return  # a hub id: transformers resolves it
+    files = {f.name: f for f in folder.iterdir() if f.is_file()}
+    weights = [f for name, f in files.items() if name.endswith((".safetensors", ".bin")) and "model" in name]
+    if not weights:
+        raise ModelFilesError(
+            f"{folder} has no model weights (model.safetensors or model-*.safetensors): "
+            "the download or copy is incomplete; fetch the model again."
+        )
+    empty = [f.name for f in weights if f.stat().st_size == 0]
+    if empty:
+        raise ModelFilesError(f"{folder}/{empty[0]} is empty (0 bytes): download or copy the model again.")
+    if not any(name in files for name in TOKENIZER_FILES):
+        raise ModelFilesError(
+            f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): copy the tokenizer files "
+            "that came with the model into it, or download the model again."
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
 class _StopFlag(StoppingCriteria):
     """Stops generation when the consumer of stream_chat goes away."""
 
@@ -185,8 +222,21 @@ class Backend:
         """Load model and processor from a local folder or a (cached) Hugging Face id."""
         if cls.model_class is None:
             raise TypeError(f"{cls.__name__} sets no model_class; use a family class or load_backend()")
-        model = cls.model_class.from_pretrained(path_or_id, dtype=dtype, device_map=device)
-        processor = AutoProcessor.from_pretrained(path_or_id)
+        check_model_folder(path_or_id)
+        try:
+            model = cls.model_class.from_pretrained(path_or_id, dtype=dtype, device_map=device)
+        except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as err:
+            raise ModelFilesError(
+                f"The model weights of {path_or_id} could not be read ({_first_line(err)}). The file is damaged "
+                "or incomplete (an interrupted download or copy?): download or copy it again."
+            ) from err
+        try:
+            processor = AutoProcessor.from_pretrained(path_or_id)
+        except (OSError, ValueError, TypeError, KeyError) as err:  # a bad tokenizer.json is a JSONDecodeError (ValueError)
+            raise ModelFilesError(
+                f"The tokenizer or image processor of {path_or_id} could not be loaded ({_first_line(err)}). "
+                "Download or copy its tokenizer and processor files again."
+            ) from err
         return cls(model, processor)
 
     # ------------------------------------------------------------ family hooks
