@@ -210,8 +210,9 @@ def test_save_pretrained_round_trip_gives_identical_outputs(tmp_path):
 
     assert loaded.config == head.config
     assert before.mask_logits.shape == (height, width) and before.unet_logits.shape == (48, 64)
-    assert torch.equal(before.mask_logits, after.mask_logits)
-    assert torch.equal(before.unet_logits, after.unet_logits)
+    # The same weights after a file round trip; the kernels may sum in another order (~1e-7).
+    torch.testing.assert_close(after.mask_logits, before.mask_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after.unet_logits, before.unet_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_predict_without_sam_resizes_the_unet_logits():
@@ -219,7 +220,7 @@ def test_predict_without_sam_resizes_the_unet_logits():
     out = head.predict(torch.rand(6, 24, 24), None, square_pad_view(480, 640), (480, 640))
     assert out.unet_logits.shape == (64, 48)
     expected = F.interpolate(out.unet_logits[None, None], size=(640, 480), mode="bilinear")[0, 0]
-    assert torch.equal(out.mask_logits, expected)
+    torch.testing.assert_close(out.mask_logits, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_predict_accepts_the_views_of_an_answer():
@@ -229,7 +230,7 @@ def test_predict_accepts_the_views_of_an_answer():
     maps = [torch.rand(6, 24, 24), torch.rand(6, 24, 24)]
     out = head.predict(maps, None, [tile, full], (640, 480))
     direct = head.predict(maps[1], None, full, (640, 480))
-    assert torch.equal(out.mask_logits, direct.mask_logits)
+    torch.testing.assert_close(out.mask_logits, direct.mask_logits, rtol=1e-5, atol=1e-6)
 
 
 def test_refiner_prompts_follow_flmm():
