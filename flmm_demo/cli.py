@@ -61,7 +61,10 @@ def ground_images(args: argparse.Namespace) -> int:
     from .render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
 
     try:
-        check_question(args.expression or args.question, "expression" if args.expression else "question")
+        if args.expression is not None:
+            check_question(args.expression, "expression")
+        else:
+            check_question(args.question)
         out_dir = output_folder(args.out)
         with warnings.catch_warnings():  # said once below, not as a Python warning
             warnings.simplefilter("ignore", MissingPartWarning)

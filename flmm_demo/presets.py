@@ -283,6 +283,8 @@ def resolve_preset(name_or_path: str | Path | None = None) -> ResolvedModel:
         return _resolve(preset)
     if _looks_like_hub_id(text):
         return _resolve_hub_id(text)
+    if folder.is_file():
+        raise MissingWeightsError(f"{folder} is a file; give the model folder that holds config.json")
     if os.sep in text or text.startswith((".", "~")):
         raise MissingWeightsError(
             f"model folder {folder} does not exist; give the folder that holds config.json"

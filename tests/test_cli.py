@@ -141,3 +141,14 @@ def test_a_missing_model_folder_and_a_punctuation_question_are_clear_errors(tmp_
     assert main(["ground", str(image), "--question", "?!", "--out", str(tmp_path / "o"),
                  "--model", str(tmp_path / "no-such-model")]) == 2
     assert "only punctuation" in capsys.readouterr().err
+
+
+def test_an_empty_expression_and_a_file_as_model_are_clear_errors(model_dir, tmp_path, capsys):
+    image = red_square(tmp_path / "a.png")
+    assert main(["ground", str(image), "--expression", "", "--out", str(tmp_path / "o"),
+                 "--model", str(model_dir)]) == 2
+    assert "The expression is empty" in capsys.readouterr().err
+    assert main(["ground", str(image), "--question", "What is it?", "--out", str(tmp_path / "o"),
+                 "--model", str(model_dir / "config.json")]) == 2
+    assert "is a file; give the model folder" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "a").exists()
