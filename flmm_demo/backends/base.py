@@ -25,6 +25,12 @@ and implement the two hooks that know the family's prompt and image layout:
         positions of its tokens, row-major. Columns that are not image patches (e.g.
         LLaVA-NeXT's image_newline) are simply not listed.
 
+User text is plain text: every string a user (or an answer) puts into a prompt goes
+through `as_plain_text` (chat_text does it), so a typed `</s>`, `<image>` or
+`<|im_start|>` is encoded as those characters, never as the template's control tokens;
+teacher-forced answers are tokenized with special tokens split. A family that
+overrides chat_text must mark its strings the same way.
+
 chat/stream_chat/attend also take answer_start: forced text after the assistant
 prefix (visual chain of thought), part of the prompt, never of the answer. A backend
 serves one call at a time (it owns one KV cache); callers serialise access.
@@ -54,6 +60,7 @@ import copy
 import hashlib
 import inspect
 import numbers
+import pickle
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -225,7 +232,7 @@ class Backend:
         check_model_folder(path_or_id)
         try:
             model = cls.model_class.from_pretrained(path_or_id, dtype=dtype, device_map=device)
-        except (SafetensorError, OSError, ValueError, RuntimeError, EOFError) as err:
+        except (SafetensorError, OSError, EOFError, pickle.UnpicklingError) as err:  # not device or dtype errors
             raise ModelFilesError(
                 f"The model weights of {path_or_id} could not be read ({_first_line(err)}). The file is damaged "
                 "or incomplete (an interrupted download or copy?): download or copy it again."
