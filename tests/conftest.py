@@ -71,3 +71,17 @@ def tiny_llava_dir(tmp_path_factory) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_lmm(tmp_path_factory) -> tuple[Path, dict]:
+    """The demo world's LLaVA in its tiny mode, trained once for the session (read only):
+    (its folder, the losses train returned)."""
+    import torch
+
+    from flmm_demo.demo_world.lmm import train
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-demo-lmm") / "lmm"
+    stats = train(path, seed=0, tiny=True, log=lambda _: None)
+    return path, stats

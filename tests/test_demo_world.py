@@ -291,21 +291,23 @@ def test_chat_template_and_training_encoding_agree():
     assert answer_text == turns[0][1] + " " + turns[1][1]
 
 
-def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tmp_path):
+def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tiny_demo_lmm, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from flmm_demo.demo_world.lmm import train
 
-    stats = train(tmp_path / "lmm", seed=0, tiny=True, log=lambda _: None)
+    lmm, stats = tiny_demo_lmm  # train(lmm, seed=0, tiny=True), shared with the e2e miniature run
     assert stats["vision_loss"] < stats["first_vision_loss"]
     assert stats["chat_loss"] < stats["first_chat_loss"]
-    processor = AutoProcessor.from_pretrained(tmp_path / "lmm")
-    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lmm")
+    processor = AutoProcessor.from_pretrained(lmm)
+    assert processor.tokenizer.decode(processor.tokenizer("the red circle")["input_ids"], skip_special_tokens=True) \
+        == "the red circle"
+    model = LlavaForConditionalGeneration.from_pretrained(lmm)
     assert next(model.parameters()).dtype == torch.float32
-    assert (tmp_path / "lmm" / "model.safetensors").stat().st_size < 2 * 2**20
+    assert (lmm / "model.safetensors").stat().st_size < 2 * 2**20
 
     # Continuing from it with grounding turns trains the language side only.
-    stats = train(tmp_path / "lmm2", seed=0, tiny=True, init=tmp_path / "lmm", ground_share=0.5, ground_turns=2,
+    stats = train(tmp_path / "lmm2", seed=0, tiny=True, init=lmm, ground_share=0.5, ground_turns=2,
                   chat_lr=5e-4,
                   log=lambda _: None)
     assert "vision_loss" not in stats and stats["attention_loss"] < stats["first_attention_loss"]

@@ -51,15 +51,12 @@ def _shipped() -> bool:
     return all((p / "config.json").exists() for p in (REPO / DEFAULT_LMM_DIR, SHIPPED_HEAD)) and SHIPPED_SAM.exists()
 
 
-def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tmp_path):
-    from flmm_demo.demo_world.lmm import train as train_lmm
-
-    torch.manual_seed(0)
-    train_lmm(tmp_path / "lmm", seed=0, tiny=True, log=lambda _: None)
+def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tiny_demo_lmm, tmp_path):
+    lmm, _ = tiny_demo_lmm  # the tiny mode of the demo LMM, trained once for the session
     write_refer_dataset(tmp_path / "data", 3, seed=1, split="train")
 
     config = train.TrainConfig(
-        model=str(tmp_path / "lmm"), data=tmp_path / "data", out=tmp_path / "run", epochs=4, lr=1e-3,
+        model=str(lmm), data=tmp_path / "data", out=tmp_path / "run", epochs=4, lr=1e-3,
         log_every=100, checkpoint_every=1000, head_dtype="float16",
     )
     result = train.train(config)
@@ -90,7 +87,7 @@ def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tmp
 
     out = tmp_path / "table.json"
     eval_demo_world.main([
-        "--model", str(tmp_path / "lmm"), "--head", str(refined.head_dir), "--sam", str(sam_file),
+        "--model", str(lmm), "--head", str(refined.head_dir), "--sam", str(sam_file),
         "--scenes", "1", "--crowded-scenes", "1",
         "--limit", "2", "--lmm-scenes", "2", "--phrase-scenes", "1", "--json", str(out),
     ])
@@ -104,7 +101,7 @@ def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tmp
 
     # The LMM alone (no head): training-free rows only; a set of 0 scenes is left out.
     eval_demo_world.main([
-        "--model", str(tmp_path / "lmm"), "--head", "", "--sam", "", "--scenes", "1", "--crowded-scenes", "0",
+        "--model", str(lmm), "--head", "", "--sam", "", "--scenes", "1", "--crowded-scenes", "0",
         "--limit", "2", "--lmm-scenes", "1", "--phrase-scenes", "0", "--json", str(out),
     ])
     table = json.loads(out.read_text())
