@@ -48,7 +48,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from flmm_demo.backends import load_backend  # noqa: E402
-from flmm_demo.demo_world import scene_stream, write_refer_dataset  # noqa: E402
+from flmm_demo.demo_world import describe, scene_stream, write_refer_dataset  # noqa: E402
+from flmm_demo.demo_world.lmm import evaluate as evaluate_lmm  # noqa: E402
 from flmm_demo.demo_world.scenes import Scene  # noqa: E402
 from flmm_demo.geometry import mask_box  # noqa: E402
 from flmm_demo.grounder import Grounder  # noqa: E402
@@ -144,8 +145,6 @@ def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[tuple
     cIoU/gIoU over the scored phrases, plus how many descriptions were exact and how many
     phrases named no object of the scene. modes: (grounding mode, with SAM) pairs.
     """
-    from flmm_demo.demo_world import describe
-
     accumulators = {mode: IoUAccumulator("phrases") for mode in modes}
     exact = unmatched = total = 0
     for scene in scenes:
@@ -190,8 +189,6 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"command": shlex.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "seed": args.seed}
 
     start = time.time()
-    from flmm_demo.demo_world.lmm import evaluate as evaluate_lmm
-
     results["lmm"] = {}
     for name, _, held_out, offset in SETS:
         n = args.lmm_scenes if not held_out else max(1, args.lmm_scenes // 2)

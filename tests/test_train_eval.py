@@ -14,11 +14,14 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from flmm_demo.heads.losses import bce_dice_loss
-from flmm_demo.training import evaluate, train
+from flmm_demo.backends import load_backend
 from flmm_demo.backends.testing import tiny_llava
 from flmm_demo.demo_world.scenes import write_refer_dataset
-from flmm_demo.heads import FlmmHead
+from flmm_demo.heads import FlmmHead, FlmmHeadConfig, SamImageEmbedding
+from flmm_demo.heads.losses import bce_dice_loss
+from flmm_demo.images import load_image
+from flmm_demo.training import evaluate, train
+from flmm_demo.training.refer import open_refer
 
 SCENE_WITH_TWO_OBJECTS = 3  # demo-world seed: a circle and a triangle, 6 expressions each
 
@@ -122,11 +125,6 @@ def test_bce_dice_loss_is_small_for_a_confident_right_answer():
 
 def test_refiner_trains_on_fresh_lmm_features(world):
     """The SAM refiner's training path: real LMM features, a stand-in SAM image embedding."""
-    from flmm_demo.backends import load_backend
-    from flmm_demo.heads import FlmmHeadConfig, SamImageEmbedding
-    from flmm_demo.images import load_image
-    from flmm_demo.training.refer import open_refer
-
     backend = load_backend(str(world / "lmm"))
     (image,) = list(open_refer(world / "data", "train"))
     answer, spans = train.training_answer(image, epoch=0)

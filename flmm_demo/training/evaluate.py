@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from flmm_demo.backends import load_backend
 from flmm_demo.backends.dtypes import LMM_DTYPES, lmm_dtype
 from flmm_demo.grounder import Grounder
 from flmm_demo.heads import load_head, load_sam
+from flmm_demo.training import flag
 from flmm_demo.training.metrics import IoUAccumulator, SegmentationScores, format_table
 from flmm_demo.presets import resolve_preset
 from flmm_demo.training.refer import PROTOCOLS, Protocol, open_refer
@@ -34,22 +35,21 @@ class EvalConfig:
     """One evaluation run; also the `eval` command's flags. head=None with
     training_free=False uses the preset's head."""
 
-    model: str = field(metadata={"help": "preset name, model folder or Hugging Face id"})
-    data: Path = field(metadata={"help": "dataset folder (refer layout or expressions.json)"})
-    split: str = field(default="val", metadata={"help": "dataset split to score"})
-    protocol: Protocol = field(default="first", metadata={
-        "help": "every: every sentence of every object (LISA/GLaMM); first: first sentence per object (F-LMM)"})
-    images: Path | None = field(default=None, metadata={"help": "image folder, e.g. coco/train2014 (default: <data>/images)"})
-    split_by: str | None = field(default=None, metadata={
-        "help": "refs(<split-by>).p to read: unc, umd or google (default: first present)"})
-    head: Path | None = field(default=None, metadata={"help": "head folder written by `train` (or an official F-LMM .pth)"})
-    training_free: bool = field(default=False, metadata={"help": "ground with the attention alone, no trained head"})
-    sam: Path | None = field(default=None, metadata={"help": "SAM checkpoint for the refiner (default: the preset's, if present)"})
-    refine: bool = field(default=True, metadata={"help": "refine with SAM (--no-refine: do not use SAM)"})
-    limit: int | None = field(default=None, metadata={"help": "score only the first N objects"})
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata={"help": "torch device"})
-    lmm_dtype: str = field(default="auto", metadata={
-        "help": "weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)", "choices": LMM_DTYPES})
+    model: str = flag("preset name, model folder or Hugging Face id")
+    data: Path = flag("dataset folder (refer layout or expressions.json)")
+    split: str = flag("dataset split to score", "val")
+    protocol: Protocol = flag(
+        "every: every sentence of every object (LISA/GLaMM); first: first sentence per object (F-LMM)", "first")
+    images: Path | None = flag("image folder, e.g. coco/train2014 (default: <data>/images)", None)
+    split_by: str | None = flag("refs(<split-by>).p to read: unc, umd or google (default: first present)", None)
+    head: Path | None = flag("head folder written by `train` (or an official F-LMM .pth)", None)
+    training_free: bool = flag("ground with the attention alone, no trained head", False)
+    sam: Path | None = flag("SAM checkpoint for the refiner (default: the preset's, if present)", None)
+    refine: bool = flag("refine with SAM (--no-refine: do not use SAM)", True)
+    limit: int | None = flag("score only the first N objects", None)
+    device: str = flag("torch device", "cuda" if torch.cuda.is_available() else "cpu")
+    lmm_dtype: str = flag("weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)", "auto",
+                          choices=LMM_DTYPES)
 
     def __post_init__(self) -> None:
         if self.head is not None and self.training_free:
@@ -140,16 +140,12 @@ def run(config: EvalConfig, json_path: Path | None = None) -> int:
     return 0
 
 
-def add_json_flag(parser: argparse.ArgumentParser) -> None:
-    """The one `eval` flag that is not part of the run's configuration."""
-    parser.add_argument("--json", type=Path,
-                        help="where to write the results (default: outputs/eval/<dataset>-<split>-<protocol>.json)")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser(EvalConfig, prog="python -m flmm_demo eval", description=__doc__.split("\n")[0],
                               formatter_class=argparse.HelpFormatter)
-    add_json_flag(parser)
+    # The one flag that is not part of the run's configuration.
+    parser.add_argument("--json", type=Path,
+                        help="where to write the results (default: outputs/eval/<dataset>-<split>-<protocol>.json)")
     try:
         config, rest = parser.parse_args_into_dataclasses(argv)
     except ValueError as error:

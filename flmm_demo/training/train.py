@@ -59,6 +59,7 @@ from flmm_demo.heads.unet import crop_to_image
 from flmm_demo.images import load_image
 from flmm_demo.phrases import phrases_from_spans
 from flmm_demo.presets import resolve_preset
+from flmm_demo.training import flag
 from flmm_demo.training.refer import ReferDataset, ReferImage, open_refer
 
 SEPARATOR = ". "
@@ -67,39 +68,34 @@ HEAD_DIR = "head"
 STATE_FILE = "trainer_state.json"
 
 
-def _flag(default, help: str, **kwargs):
-    """A config field that is also a command-line flag (HfArgumentParser reads the metadata)."""
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; also the `train` command's flags."""
 
-    model: str = field(metadata={"help": "preset name, model folder or Hugging Face id (stays frozen)"})
-    data: Path = field(metadata={"help": "dataset folder (refer layout or expressions.json)"})
-    out: Path = field(metadata={"help": "run folder: head/, checkpoints/, train_log.jsonl"})
-    images: Path | None = _flag(None, "image folder, e.g. coco/train2014 (default: <data>/images)")
-    split: str = _flag("train", "dataset split to train on")
-    split_by: str | None = _flag(None, "refs(<split-by>).p to read: unc, umd or google (default: first present)")
-    cache: Path | None = _flag(None, "cache of frozen-model outputs (default: <out>/cache)")
-    sam: Path | None = _flag(None, "original SAM checkpoint: also train F-LMM's SAM refiner")
-    sam_variant: str = _flag("vit_l", "SAM size of --sam", choices=sorted(SAM_CHECKPOINT_NAMES))
-    epochs: int = _flag(8, "passes over the images")
-    lr: float = _flag(1e-4, "AdamW peak learning rate")
-    weight_decay: float = _flag(0.01, "AdamW weight decay")
-    grad_clip: float = _flag(1.0, "gradient norm clipping")
-    warmup: float = _flag(0.03, "fraction of the steps spent warming up")
-    checkpoint_every: int = _flag(500, "steps between resumable checkpoints")
-    log_every: int = _flag(10, "steps between loss lines")
-    max_steps: int | None = _flag(None, "stop after this many steps (the schedule still spans --epochs)")
-    resume: bool = _flag(False, "continue from the latest checkpoint in --out")
-    seed: int = _flag(0, "seed of the image order")
-    mixed_precision: str = _flag("no", "for the head", choices=["no", "bf16", "fp16"])
-    lmm_dtype: str = _flag("auto", "weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)",
-                           choices=LMM_DTYPES)
-    head_dtype: str = _flag("float32", "precision of the saved head weights (float16: half the file size)",
-                            choices=sorted(DTYPES))
+    model: str = flag("preset name, model folder or Hugging Face id (stays frozen)")
+    data: Path = flag("dataset folder (refer layout or expressions.json)")
+    out: Path = flag("run folder: head/, checkpoints/, train_log.jsonl")
+    images: Path | None = flag("image folder, e.g. coco/train2014 (default: <data>/images)", None)
+    split: str = flag("dataset split to train on", "train")
+    split_by: str | None = flag("refs(<split-by>).p to read: unc, umd or google (default: first present)", None)
+    cache: Path | None = flag("cache of frozen-model outputs (default: <out>/cache)", None)
+    sam: Path | None = flag("original SAM checkpoint: also train F-LMM's SAM refiner", None)
+    sam_variant: str = flag("SAM size of --sam", "vit_l", choices=sorted(SAM_CHECKPOINT_NAMES))
+    epochs: int = flag("passes over the images", 8)
+    lr: float = flag("AdamW peak learning rate", 1e-4)
+    weight_decay: float = flag("AdamW weight decay", 0.01)
+    grad_clip: float = flag("gradient norm clipping", 1.0)
+    warmup: float = flag("fraction of the steps spent warming up", 0.03)
+    checkpoint_every: int = flag("steps between resumable checkpoints", 500)
+    log_every: int = flag("steps between loss lines", 10)
+    max_steps: int | None = flag("stop after this many steps (the schedule still spans --epochs)", None)
+    resume: bool = flag("continue from the latest checkpoint in --out", False)
+    seed: int = flag("seed of the image order", 0)
+    mixed_precision: str = flag("for the head", "no", choices=["no", "bf16", "fp16"])
+    lmm_dtype: str = flag("weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)", "auto",
+                          choices=LMM_DTYPES)
+    head_dtype: str = flag("precision of the saved head weights (float16: half the file size)", "float32",
+                           choices=sorted(DTYPES))
 
     @property
     def cache_dir(self) -> Path:
