@@ -113,7 +113,7 @@ class Grounder:
 
         resolved = resolve_preset(name)
         backend = load_backend(str(resolved.model_path), device=device)
-        head = load_head(resolved.head_path, backend) if resolved.head_path else None
+        head = load_head(resolved.head_path, backend, device=device) if resolved.head_path else None
         sam = load_sam(resolved.sam_path, device=device) if resolved.sam_path else None
         info = ModelInfo(
             name=resolved.name, family=backend.family, description=resolved.description,
