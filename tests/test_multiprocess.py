@@ -34,6 +34,12 @@ from flmm_demo.cli import main as cli_main
 from flmm_demo.demo_world.scenes import write_refer_dataset
 from flmm_demo.refer import open_refer
 
+# The one-process references run in this process, on its device: on a GPU they would not be
+# the CPU workers' numbers.
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="compares CPU processes with this process; run with CUDA_VISIBLE_DEVICES="
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).with_name("multiprocess_probe.py")
 LAUNCH_TIMEOUT_S = 300
@@ -156,7 +162,10 @@ def eval_flags(world: Path, json_path: Path) -> list[str]:
 
 
 def ground_flags(world: Path, out: Path) -> list[str]:
-    return ["ground", str(world / "images"), "--expression", EXPRESSION, "--model", "demo-shapes", "--out", str(out)]
+    return [
+        "ground", str(world / "images"), "--expression", EXPRESSION, "--model", "demo-shapes", "--device", "cpu",
+        "--out", str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +249,7 @@ def test_one_checkpoint_is_written_and_resume_continues_in_both_processes(world,
     assert sorted(p.name for p in head_files) == ["config.json", "model.safetensors"]
 
 
-def test_resume_with_another_global_batch_says_how_to_match_it(world, resumed_launch, tmp_path):
+def test_resume_with_another_global_batch_says_how_to_match_it(world, resumed_launch):
     with pytest.raises(ValueError, match=r"global batch of 2 images, this run has 1 .* --gradient-accumulation-steps 2"):
         _train(train_flags(world, world / "run", "--resume")[1:])
 
