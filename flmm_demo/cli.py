@@ -11,14 +11,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from accelerate.utils import gather_object
 from PIL import Image
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from .grounder import Session
-    from .types import GroundedPhrase
+from flmm_demo.distributed import process_state
+from flmm_demo.doctor import doctor_report
+from flmm_demo.grounder import MODES, Grounder, Session
+from flmm_demo.images import ImageError, image_files
+from flmm_demo.render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
+from flmm_demo.training import evaluate, train
+from flmm_demo.types import GroundedPhrase
 
 
 def ground_images(args: argparse.Namespace) -> int:
@@ -28,12 +32,6 @@ def ground_images(args: argparse.Namespace) -> int:
     process grounds its share on its own device and writes those images' folders); the
     main process prints the summary of all of them.
     """
-    from accelerate.utils import gather_object
-
-    from .distributed import process_state
-    from .grounder import Grounder
-    from .images import ImageError, image_files
-
     try:
         paths = image_files(args.images)
     except ImageError as error:
@@ -72,8 +70,6 @@ def write_result(
     image_dir: Path, path: Path, session: Session, answer: str, grounded: list[GroundedPhrase], args: argparse.Namespace
 ) -> None:
     """One image's folder: result.json, coco.json, a PNG per phrase's mask and overlay.png."""
-    from .render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
-
     image_dir.mkdir(parents=True, exist_ok=True)
     colors = palette(len(grounded))
     record = {
@@ -115,24 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--expression", help="ground this referring expression (teacher-forced)")
     ground.add_argument("--out", required=True, help="output folder (one subfolder per image)")
     ground.add_argument("--model", default=None, help="preset name or model folder (default: $FLMM_PRESET or demo-shapes)")
-    ground.add_argument("--mode", default="auto", choices=["auto", "head", "training_free"])
+    ground.add_argument("--mode", default="auto", choices=MODES)
     ground.add_argument("--no-refine", action="store_true", help="skip the SAM refiner")
     ground.add_argument("--max-new-tokens", type=int, default=128)
     ground.add_argument("--device", help="default: this process's GPU (cuda:<local rank>) when there is one, else cpu")
 
-    from . import evaluate, train
+    # Their flags are their config dataclasses (TrainConfig, EvalConfig), parsed by their own main.
+    sub.add_parser("train", help="train an F-LMM head on a frozen LMM", add_help=False)
+    sub.add_parser("eval", help="referring segmentation cIoU / gIoU", add_help=False)
 
-    train.add_arguments(sub.add_parser("train", help="train an F-LMM head on a frozen LMM"))
-    evaluate.add_arguments(sub.add_parser("eval", help="referring segmentation cIoU / gIoU"))
-
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        return train.main(rest)
+    if args.command == "eval":
+        return evaluate.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "doctor":
-        from .presets import doctor_report
-
         print(doctor_report())
         return 0
-    if args.command == "ground":
-        return ground_images(args)
-    if args.command == "train":
-        return train.run(args) or 0
-    return evaluate.run(args) or 0
+    return ground_images(args)

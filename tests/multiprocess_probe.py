@@ -4,7 +4,7 @@
 
 The commands run one after another in the same processes ("+" separates them), so the
 start-up (imports, process group) is paid once per launch. `eval` and `ground` run exactly as
-`python -m flmm_demo` runs them. `train` runs `flmm_demo.train.train` on the parsed flags with
+`python -m flmm_demo` runs them. `train` runs `flmm_demo.training.train.train` on its flags with
 an `on_step` hook: after every optimizer step each process appends
 {"step", "loss", "fingerprint"} to RECORDS/train-rank<r>.jsonl, and at the end writes its
 TrainResult's counts to RECORDS/train-rank<r>-result.json. The fingerprint stands for the
@@ -13,17 +13,17 @@ with a fixed random vector (float64), so weights that differ anywhere differ in 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
+from transformers import HfArgumentParser
 
-from flmm_demo import train
 from flmm_demo.cli import main as cli_main
 from flmm_demo.distributed import process_state
 from flmm_demo.heads import FlmmHead
+from flmm_demo.training import train
 
 
 def fingerprint(head: FlmmHead) -> list[float]:
@@ -37,9 +37,7 @@ def fingerprint(head: FlmmHead) -> list[float]:
 
 
 def run_train(argv: list[str], records: Path) -> None:
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    config = train.config_from_args(parser.parse_args(argv))
+    (config,) = HfArgumentParser(train.TrainConfig).parse_args_into_dataclasses(argv)
     rank = process_state().process_index
     log = records / f"train-rank{rank}.jsonl"
 

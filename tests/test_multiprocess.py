@@ -27,12 +27,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import HfArgumentParser
 
-from flmm_demo import evaluate, train
 from flmm_demo.backends.testing import tiny_llava
 from flmm_demo.cli import main as cli_main
 from flmm_demo.demo_world.scenes import write_refer_dataset
-from flmm_demo.refer import open_refer
+from flmm_demo.training import evaluate, train
+from flmm_demo.training.refer import open_refer
 
 # The one-process references run in this process, on its device: on a GPU they would not be
 # the CPU workers' numbers.
@@ -191,24 +192,24 @@ def one_process_training(world) -> train.TrainResult:
 
 
 def _train(argv: list[str]) -> train.TrainResult:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    train.add_arguments(parser)
-    return train.train(train.config_from_args(parser.parse_args(argv)))
+    """`python -m flmm_demo train ARGV` in this process."""
+    (config,) = HfArgumentParser(train.TrainConfig).parse_args_into_dataclasses(argv)
+    return train.train(config)
 
 
 # ------------------------------------------------------------------ train
 
 
-def test_both_processes_hold_the_same_weights_after_every_step(first_launch, resumed_launch):
+def test_both_processes_hold_the_same_weights_after_every_step(world, first_launch, resumed_launch):
     steps = {rank: first_launch.train_records(rank) + resumed_launch.train_records(rank) for rank in range(2)}
     assert [r["step"] for r in steps[0]] == [r["step"] for r in steps[1]] == [1, 2, 3, 4]
     for zero, one in zip(steps[0], steps[1]):
         np.testing.assert_allclose(zero["fingerprint"], one["fingerprint"], rtol=1e-9, atol=1e-9)
         assert zero["loss"] == pytest.approx(one["loss"], rel=1e-6)  # the global batch's mean, on both
-    # Not a vacuous match: every step moved the weights.
-    for before, after in zip(steps[0], steps[0][1:]):
+    # Not a vacuous match: every step with a learning rate above 0 (all but the last) moved the weights.
+    rates = [json.loads(line)["lr"] for line in (world / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [rate > 0 for rate in rates] == [True, True, True, False]
+    for before, after in zip(steps[0][:2], steps[0][1:3]):
         assert not np.allclose(before["fingerprint"], after["fingerprint"], rtol=1e-6, atol=0)
 
 

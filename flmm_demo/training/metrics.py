@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from flmm_demo.refer import PROTOCOL_LABELS
+from flmm_demo.training.refer import PROTOCOL_LABELS
 
 
 def intersection_union(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> tuple[int, int]:
@@ -57,8 +57,8 @@ class SegmentationScores:
 class IoUAccumulator:
     """Collects per-expression intersections and unions; `scores()` gives cIoU and gIoU.
 
-    Counts from several processes combine exactly: `add_counts` per gathered expression,
-    or `merge` of whole accumulators. Never average per-process cIoUs: cIoU is a ratio of sums.
+    Counts scored by several processes combine exactly with `add_counts` per gathered
+    expression. Never average per-process cIoUs: cIoU is a ratio of sums.
     """
 
     def __init__(self, protocol: str) -> None:
@@ -80,15 +80,6 @@ class IoUAccumulator:
         self.iou_sum += iou
         self.n += 1
         return iou
-
-    def merge(self, other: IoUAccumulator) -> None:
-        """Add another accumulator's counts (e.g. from another GPU) to this one."""
-        if other.protocol != self.protocol:
-            raise ValueError(f"cannot merge scores of protocol {other.protocol!r} into {self.protocol!r}")
-        self.intersection += other.intersection
-        self.union += other.union
-        self.iou_sum += other.iou_sum
-        self.n += other.n
 
     def scores(self) -> SegmentationScores:
         if self.n == 0:
