@@ -2,7 +2,7 @@
 
     python -m flmm_demo train --model checkpoints/demo-shapes/lmm --data data/shapes --out runs/shapes
 
-The recipe, step by step, one image per step:
+The recipe, image by image (an optimizer step averages a global batch of images, see below):
   1. the expressions of the image's objects are joined with ". " and teacher-forced as the
      answer of F-LMM's prompt (template="flmm") in one pass of the frozen LMM;
   2. each expression's answer tokens give its attention maps (mean over its tokens, one
