@@ -1,6 +1,7 @@
-"""Command line: `python -m flmm_demo {doctor,ground,train,eval}`.
+"""Command line: `python -m flmm_demo {doctor,download,ground,train,eval}`.
 
     python -m flmm_demo doctor
+    python -m flmm_demo download llava-1.5-7b        # or --all-missing
     python -m flmm_demo ground photo.jpg more/*.png --question "What is in the image?" --out results/
     python -m flmm_demo ground scene.png --expression "the red circle" --out results/
 """
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ground.add_argument("--no-refine", action="store_true", help="skip the SAM refiner")
     ground.add_argument("--max-new-tokens", type=int, default=128)
 
-    from . import evaluate, train
+    from . import download, evaluate, train
+
+    download.add_arguments(sub.add_parser("download", help="fetch a preset's LMM, F-LMM head and SAM checkpoint"))
 
     train.add_arguments(sub.add_parser("train", help="train an F-LMM head on a frozen LMM"))
     evaluate.add_arguments(sub.add_parser("eval", help="referring segmentation cIoU / gIoU"))
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(doctor_report())
         return 0
+    if args.command == "download":
+        return download.run(args)
     if args.command == "ground":
         return ground_images(args)
     if args.command == "train":
