@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
@@ -22,7 +23,14 @@ def ground_images(args: argparse.Namespace) -> int:
     from .images import ImageError
     from .render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
 
-    grounder = Grounder.from_preset(args.model)
+    from .devices import load_options
+    from .presets import MissingWeightsError
+
+    try:
+        grounder = Grounder.from_preset(args.model, **asdict(load_options(args)))
+    except (MissingWeightsError, ValueError) as error:
+        print(f"Cannot load the model: {error}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -89,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     ground.add_argument("--mode", default="auto", choices=["auto", "head", "training_free"])
     ground.add_argument("--no-refine", action="store_true", help="skip the SAM refiner")
     ground.add_argument("--max-new-tokens", type=int, default=128)
+    from .devices import add_load_arguments
+
+    add_load_arguments(ground)
 
     from . import download, evaluate, train
 

@@ -106,14 +106,26 @@ class Grounder:
         self._session: Session | None = None
 
     @classmethod
-    def from_preset(cls, name: str | None = None, *, device: str = "cpu") -> "Grounder":
-        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo."""
-        from .heads import load_head, load_sam
-        from .presets import resolve_preset
+    def from_preset(
+        cls, name: str | None = None, *, device: str = "auto", dtype: str | None = None,
+        quantize: str | None = None, offload: bool = False,
+    ) -> "Grounder":
+        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo.
 
-        resolved = resolve_preset(name)
-        backend = load_backend(str(resolved.model_path), device=device)
-        head = load_head(resolved.head_path, backend) if resolved.head_path else None
+        A preset missing any piece (LMM, F-LMM head, SAM) raises MissingWeightsError at once,
+        before any network call, naming them all and the `download` command. device / dtype /
+        quantize / offload: see flmm_demo.devices.LoadOptions (default: the GPU if any, bf16 there).
+        """
+        from .devices import LoadOptions
+        from .heads import load_head, load_sam
+        from .presets import require_weights
+
+        resolved = require_weights(name)
+        options = LoadOptions(device=device, dtype=dtype, quantize=quantize, offload=offload)
+        kwargs = options.from_pretrained_kwargs()
+        backend = load_backend(str(resolved.model_path), **kwargs)
+        device = kwargs["device"]
+        head = load_head(resolved.head_path, backend, device=device) if resolved.head_path else None
         sam = load_sam(resolved.sam_path, device=device) if resolved.sam_path else None
         info = ModelInfo(
             name=resolved.name, family=backend.family, description=resolved.description,
@@ -183,10 +195,10 @@ class Grounder:
             whole = phrase.token_span == (0, len(attention.token_ids))
             heat_views = [attention_heatmap(m, baseline=None if whole else b, num_heads=attention.num_heads)
                           for m, b in zip(maps, baselines)]
-            heat = views_to_image([h[None] for h in heat_views], attention.views, (width, height))[0]
+            heat = views_to_image([h[None].cpu() for h in heat_views], attention.views, (width, height))[0]
             heat = heat / heat.max().clamp(min=1e-12)
             if head_outputs is not None:
-                logits = head_outputs[i].mask_logits
+                logits = head_outputs[i].mask_logits.float().cpu()  # the head may run on the GPU
                 mask = (logits > 0).numpy()
                 score = float(torch.sigmoid(logits[logits > 0]).mean()) if mask.any() else 0.0
             else:

@@ -167,11 +167,19 @@ class Backend:
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "Backend":
-        """Load model and processor from a local folder or a (cached) Hugging Face id."""
+    def from_pretrained(
+        cls, path_or_id: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        device_map: str | dict | None = None, quantization_config: Any = None,
+    ) -> "Backend":
+        """Load model and processor from a local folder or a (cached) Hugging Face id.
+
+        device_map: "auto" spreads the model over GPU and CPU (accelerate); default: all on
+        `device`. quantization_config: e.g. transformers' BitsAndBytesConfig (flmm_demo.devices).
+        """
         if cls.model_class is None:
             raise TypeError(f"{cls.__name__} sets no model_class; use a family class or load_backend()")
-        model = cls.model_class.from_pretrained(path_or_id, dtype=dtype, device_map=device)
+        extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        model = cls.model_class.from_pretrained(path_or_id, dtype=dtype, device_map=device_map or device, **extra)
         processor = AutoProcessor.from_pretrained(path_or_id)
         return cls(model, processor)
 
@@ -422,7 +430,8 @@ class Backend:
                 view_rows = rows[:, :, index]
             maps.append(view_rows.reshape(len(ids), -1, *view.grid))
             start += n
-        hidden = torch.stack(out.hidden_states[1:])[:, 0, 1:].float()  # (L, T, D), embedding output excluded
+        # (L, T, D), embedding output excluded; layers split over devices (offload) meet on the first one
+        hidden = torch.stack([h[0, 1:].to(rows.device, torch.float32) for h in out.hidden_states[1:]])
         return AnswerAttention(
             answer=answer,
             token_ids=ids,
