@@ -302,10 +302,15 @@ class Session:
             question, history = (self.history[-1].user, self.history[:-1]) if self.history else ("", [])
         if not answer.strip():
             return []
+        backend = self.grounder.backend
         with self.grounder.lock:
-            attention = self.grounder.backend.attend(self.model_image, history, question, answer, template="chat")
-            phrases = (phrases_from_spans(answer, list(spans), attention.token_spans) if spans is not None
-                       else extract_phrases(answer, attention.token_spans))
+            token_spans = backend.answer_token_spans(self.model_image, history, question, answer, template="chat")
+            phrases = (phrases_from_spans(answer, list(spans), token_spans) if spans is not None
+                       else extract_phrases(answer, token_spans))
+            if not phrases:
+                return []
+            attention = backend.attend(self.model_image, history, question, answer, template="chat",
+                                       spans=grounding_spans(phrases, len(token_spans)))
             grounded = self.grounder.segment(attention, phrases, mode=mode, refine=refine,
                                              sam_embedding=self._sam_embedding(refine))
         return [self._full_size(g) for g in grounded]
@@ -313,9 +318,12 @@ class Session:
     def ground_expression(self, expression: str, *, mode: str = "auto", refine: bool = True) -> GroundedPhrase:
         """Mask of a typed referring expression, teacher-forced as F-LMM evaluates."""
         expression = check_question(expression)
+        backend = self.grounder.backend
         with self.grounder.lock:
-            attention = self.grounder.backend.attend(self.model_image, [], "", expression, template="flmm")
-            phrase = Phrase(expression, (0, len(expression)), (0, len(attention.token_ids)))
+            count = len(backend.answer_token_spans(self.model_image, [], "", expression, template="flmm"))
+            phrase = Phrase(expression, (0, len(expression)), (0, count))
+            attention = backend.attend(self.model_image, [], "", expression, template="flmm",
+                                       spans=grounding_spans([phrase], count))
             (grounded,) = self.grounder.segment(attention, [phrase], mode=mode, refine=refine,
                                                 sam_embedding=self._sam_embedding(refine))
         return self._full_size(grounded)
@@ -334,13 +342,15 @@ class Session:
             probe = f"{question} {VCOT_HINT}"
             lead = backend.chat(self.model_image, self.history, probe, max_new_tokens=32,
                                 answer_start=VCOT_LEAD).strip()
-            attention = backend.attend(self.model_image, self.history, probe, lead, template="chat",
-                                       answer_start=VCOT_LEAD)
-            phrases = extract_phrases(lead, attention.token_spans)
+            token_spans = backend.answer_token_spans(self.model_image, self.history, probe, lead,
+                                                     template="chat", answer_start=VCOT_LEAD)
+            phrases = extract_phrases(lead, token_spans)
             if phrases:  # ground the generated object words together (mean over their tokens)
                 span = (phrases[0].token_span[0], phrases[-1].token_span[1])
                 obj_phrase = Phrase(lead[phrases[0].char_span[0]:phrases[-1].char_span[1]],
                                     (phrases[0].char_span[0], phrases[-1].char_span[1]), span)
+                attention = backend.attend(self.model_image, self.history, probe, lead, template="chat",
+                                           answer_start=VCOT_LEAD, spans=grounding_spans([obj_phrase], len(token_spans)))
                 (obj,) = self.grounder.segment(attention, [obj_phrase], mode=mode, refine=refine,
                                                sam_embedding=self._sam_embedding(refine))
                 obj = self._full_size(obj)
@@ -369,6 +379,14 @@ class Session:
         heat = F.interpolate(torch.from_numpy(g.heatmap)[None, None], size=(size[1], size[0]),
                              mode="bilinear", align_corners=False)[0, 0].numpy()
         return GroundedPhrase(g.phrase, mask, box_of(mask), g.score, heat)
+
+
+def grounding_spans(phrases: Sequence[Phrase], num_tokens: int) -> list[tuple[int, int]]:
+    """The answer-token spans grounding reads: each phrase's, then the whole answer (the
+    training-free baseline). Attending with only these keeps P maps instead of T."""
+    spans = list(dict.fromkeys(p.token_span for p in phrases))
+    whole = (0, num_tokens)
+    return spans if whole in spans else spans + [whole]
 
 
 def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
