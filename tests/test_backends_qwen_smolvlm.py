@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     Idefics3Config,
     Idefics3Processor,
-    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
     Qwen2VLConfig,
@@ -31,13 +29,10 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 from flmm_demo.backends import load_backend
 from flmm_demo.backends.idefics3 import Idefics3Backend, SmolVLMBackend
 from flmm_demo.backends.qwen2_vl import Qwen25VLBackend, Qwen2VLBackend
+from flmm_demo.backends.testing import QWEN_CHAT_TEMPLATE as QWEN_TEMPLATE
+from flmm_demo.backends.testing import byte_tokenizer
 from flmm_demo.types import AnswerAttention, Turn
 
-QWEN_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
     "{% if m['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}{% for c in m['content'] %}"
@@ -47,15 +42,6 @@ SMOLVLM_TEMPLATE = (
 HISTORY = [Turn("Hi there.", "Hello!")]
 QUESTION = "What is in the picture?"
 ANSWER = "A red square at the bottom right."
-
-
-def byte_tokenizer(specials: list[str], eos: str, pad: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer without merges (one token per byte) plus special tokens."""
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, additional_special_tokens=specials)
 
 
 def gradient_image(width: int, height: int) -> Image.Image:
