@@ -62,7 +62,7 @@ class Preset:
     """One supported model.
 
     family: the backend that drives it ("llava", "llava_next", "deepseek_vl",
-        "qwen2_vl", "qwen2_5_vl", "smolvlm").
+        "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm").
     hub_id: Hugging Face id of the LMM, None for a model that only exists locally.
     local_dir: folder under checkpoints/ holding a copy of the LMM.
     flmm_head: path under checkpoints/ of the F-LMM head for this LMM: an official .pth
@@ -151,6 +151,16 @@ PRESETS: dict[str, Preset] = {
             hub_id="Qwen/Qwen2.5-VL-3B-Instruct",
             local_dir="Qwen2.5-VL-3B-Instruct",
             description="Qwen2.5-VL 3B Instruct; no F-LMM head released, training-free grounding.",
+        ),
+        *(
+            Preset(
+                name=f"qwen3-vl-{size.lower()}",
+                family="qwen3_vl",
+                hub_id=f"Qwen/Qwen3-VL-{size}-Instruct",
+                local_dir=f"Qwen3-VL-{size}-Instruct",
+                description=f"Qwen3-VL {size} Instruct; no F-LMM head released, training-free grounding.",
+            )
+            for size in ("2B", "4B", "8B")
         ),
         Preset(
             name="qwen2-vl-2b",
