@@ -45,12 +45,13 @@ DRIVE_DOWNLOAD_URL = "https://drive.usercontent.google.com/download?id={id}&expo
 # What from_pretrained reads: configs, safetensors weights (and their index), tokenizer
 # and processor files, chat templates. Not: .bin / .pth duplicates, ONNX, GGUF, READMEs.
 LMM_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
-# (decoder layers, attention heads, hidden size) of the LMM each released head was trained on.
-HEAD_LMM_SHAPES: dict[str, tuple[int, int, int]] = {
-    "deepseek-vl-1.3b": (24, 16, 2048),
-    "llava-1.5-7b": (32, 32, 4096),
-    "llava-next-vicuna-7b": (32, 32, 4096),
-    "llava-next-mistral-7b": (32, 32, 4096),
+# (decoder layers, attention heads, hidden size, token grids read) of the LMM each released
+# head was trained on; LLaVA-NeXT heads read the base and the tile grids (FlmmHeadConfig).
+HEAD_LMM_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "deepseek-vl-1.3b": (24, 16, 2048, 1),
+    "llava-1.5-7b": (32, 32, 4096, 1),
+    "llava-next-vicuna-7b": (32, 32, 4096, 2),
+    "llava-next-mistral-7b": (32, 32, 4096, 2),
 }
 CHUNK = 1 << 20
 
@@ -176,12 +177,12 @@ def download_sam(file_name: str, *, base_url: str | None = None, timeout: float 
     return fetch_file(url, presets.checkpoints_dir() / file_name, md5_prefix=sam_md5_prefix(file_name), timeout=timeout)
 
 
-def verify_head(path: Path, lmm_shape: tuple[int, int, int]) -> None:
-    """Raise unless `path` loads as an F-LMM head for an LMM of (layers, heads, hidden)."""
+def verify_head(path: Path, lmm_shape: tuple[int, int, int, int]) -> None:
+    """Raise unless `path` loads as an F-LMM head for an LMM of (layers, heads, hidden, grids)."""
     from flmm_demo.heads import load_official_flmm
 
-    layers, heads, hidden = lmm_shape
-    load_official_flmm(path, num_layers=layers, num_heads=heads, hidden_size=hidden)
+    layers, heads, hidden, grids = lmm_shape
+    load_official_flmm(path, num_layers=layers, num_heads=heads, hidden_size=hidden, input_grids=grids)
 
 
 def head_url(preset: Preset) -> str:
@@ -189,11 +190,11 @@ def head_url(preset: Preset) -> str:
     return template.format(id=preset.flmm_head_drive_id, name=preset.flmm_head)
 
 
-def download_head(preset: Preset, *, url: str | None = None, lmm_shape: tuple[int, int, int] | None = None,
+def download_head(preset: Preset, *, url: str | None = None, lmm_shape: tuple[int, int, int, int] | None = None,
                   timeout: float = 30.0) -> Path:
     """The preset's released F-LMM head into checkpoints/, installed only if it loads as that head.
 
-    lmm_shape: (layers, heads, hidden) of the LMM; default HEAD_LMM_SHAPES[preset.name].
+    lmm_shape: (layers, heads, hidden, grids) of the LMM; default HEAD_LMM_SHAPES[preset.name].
     """
     if preset.flmm_head is None:
         raise DownloadError(f"no F-LMM head was released for {preset.name!r}")

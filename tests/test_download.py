@@ -190,17 +190,17 @@ def test_head_is_installed_only_when_it_loads_as_the_presets_head(ckpt, server, 
     server.files[f"/{preset.flmm_head}"] = tiny_head_bytes
     # Shaped for another LMM: refused, removed, and the manual route is spelled out.
     with pytest.raises(DownloadError) as err:
-        download_head(preset, lmm_shape=(32, 32, 4096))
+        download_head(preset, lmm_shape=(32, 32, 4096, 1))
     message = str(err.value)
     assert "this head expects" in message and preset.flmm_head_url in message
     assert str(ckpt / preset.flmm_head) in message and list(ckpt.iterdir()) == []
     # A web page instead of the file (what Drive sends when it wants a click): refused too.
     server.files[f"/{preset.flmm_head}"] = b"<!DOCTYPE html><html>Google Drive - virus scan warning</html>"
     with pytest.raises(DownloadError, match="did not give a usable"):
-        download_head(preset, lmm_shape=(2, 2, 32))
+        download_head(preset, lmm_shape=(2, 2, 32, 1))
     assert list(ckpt.iterdir()) == []
     server.files[f"/{preset.flmm_head}"] = tiny_head_bytes
-    path = download_head(preset, lmm_shape=(2, 2, 32))
+    path = download_head(preset, lmm_shape=(2, 2, 32, 1))
     assert path == ckpt / preset.flmm_head and path.read_bytes() == tiny_head_bytes
 
 
@@ -265,7 +265,7 @@ def test_cli_download_fetches_what_is_missing(ckpt, tmp_path, server, monkeypatc
     server.files[f"/{preset.flmm_head}"] = tiny_head_bytes
     monkeypatch.setenv(download.SAM_URL_ENV, server.url)
     monkeypatch.setenv(download.HEAD_URL_ENV, server.url + "/{name}")
-    monkeypatch.setitem(download.HEAD_LMM_SHAPES, "llava-1.5-7b", (2, 2, 32))
+    monkeypatch.setitem(download.HEAD_LMM_SHAPES, "llava-1.5-7b", (2, 2, 32, 1))
     snapshot = _cached_snapshot(tmp_path / "hf-cache", preset.hub_id)
     assert main(["download", "llava-1.5-7b"]) == 0
     out = capsys.readouterr().out

@@ -147,6 +147,8 @@ class Backend:
     answer_prefix: ClassVar[str] = ""
     # Whether chat() can show more than one image in a prompt (visual chain of thought).
     multi_image: ClassVar[bool] = True
+    # Token grids an F-LMM head of this family reads (FlmmHeadConfig.input_grids).
+    head_input_grids: ClassVar[int] = 1
 
     def __init__(self, model: PreTrainedModel, processor: Any, *, grounding_prompt: str | None = None):
         self.model = model.eval()
