@@ -121,6 +121,8 @@ class Grounder:
         from .presets import require_weights
 
         resolved = require_weights(name)
+        if resolved.is_demo and dtype is None:
+            dtype = "fp32"  # the bundled 1.8M-parameter model gains nothing from bf16, and was trained in fp32
         options = LoadOptions(device=device, dtype=dtype, quantize=quantize, offload=offload)
         kwargs = options.from_pretrained_kwargs()
         backend = load_backend(str(resolved.model_path), **kwargs)

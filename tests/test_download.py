@@ -35,7 +35,7 @@ class _Files(BaseHTTPRequestHandler):
             self.send_error(404, "Not Found")
             return
         start = 0
-        if self.headers.get("Range"):
+        if self.headers.get("Range") and not server.ignore_range:
             start = int(self.headers["Range"].split("=")[1].split("-")[0])
             if start >= len(data):
                 self.send_response(416)
@@ -70,7 +70,7 @@ class _Files(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Files)
     httpd.daemon_threads = True
-    httpd.files, httpd.ranges, httpd.cut, httpd.stall = {}, [], None, None
+    httpd.files, httpd.ranges, httpd.cut, httpd.stall, httpd.ignore_range = {}, [], None, None, False
     httpd.release = threading.Event()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -174,6 +174,11 @@ def test_fetch_file_restarts_when_the_part_is_complete_or_the_range_is_ignored(t
     (tmp_path / "f.bin.part").write_bytes(data)  # a finished .part: the server answers 416
     fetch_file(f"{server.url}/f.bin", target, md5_prefix=hashlib.md5(data).hexdigest()[:6])
     assert target.read_bytes() == data
+    target.unlink()
+    (tmp_path / "f.bin.part").write_bytes(data[:1234])  # a server without Range support sends it all again
+    server.ignore_range = True
+    fetch_file(f"{server.url}/f.bin", target, md5_prefix=hashlib.md5(data).hexdigest()[:6])
+    assert target.read_bytes() == data and server.ranges[-1] == "bytes=1234-"
 
 
 def test_unreachable_server_says_so(ckpt, monkeypatch):
