@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 
-DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "fp32": torch.float32, "float32": torch.float32,
-}
+from flmm_demo.backends.dtypes import LMM_DTYPES, lmm_dtype
+
+# The short spellings of the app and `ground`; training and eval spell them out (backends.dtypes).
+SHORT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 QUANTIZE = ("4bit", "8bit")
 
 
@@ -52,16 +51,16 @@ def pick_device(device: str | None = "auto") -> str:
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """The model dtype: the one asked for, else bf16 on CUDA, fp16 on MPS, fp32 on the CPU."""
+    """The model dtype: the one asked for (bf16 / fp16 / fp32, or the long names), else
+    backends.dtypes' choice for the device (bf16 on CUDA, fp32 on the CPU), fp16 on MPS."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype is None:
-        kind = device.split(":")[0]
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(kind, torch.float32)
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"--dtype {dtype}: choose bf16, fp16 or fp32") from None
+    name = SHORT_DTYPES.get(dtype, dtype) if dtype else "auto"
+    if name not in LMM_DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose bf16, fp16 or fp32")
+    if name == "auto" and device.split(":")[0] == "mps":
+        return torch.float16
+    return lmm_dtype(name, device)
 
 
 def _mps_available() -> bool:
@@ -118,7 +117,7 @@ def quantization_config(quantize: str, device: str, dtype: torch.dtype) -> Any:
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     """--device / --dtype / --quantize / --offload, as the app and the CLI take them."""
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: cuda if there is a GPU)")
-    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+    parser.add_argument("--dtype", default=None, choices=[*SHORT_DTYPES, *LMM_DTYPES],
                         help="model dtype (default: bf16 on CUDA, fp16 on MPS, fp32 on CPU)")
     parser.add_argument("--quantize", default=None, choices=list(QUANTIZE),
                         help="load the LMM in 4 or 8 bits (CUDA + pip install bitsandbytes)")

@@ -37,7 +37,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flmm_demo import presets
-from flmm_demo.presets import SAM_CHECKPOINTS, SAM_URL, Preset
+from flmm_demo.heads.sam import SAM_CHECKPOINT_NAMES
+from flmm_demo.presets import SAM_URL, Preset
 
 SAM_URL_ENV = "FLMM_SAM_URL"
 HEAD_URL_ENV = "FLMM_HEAD_URL"
@@ -54,6 +55,8 @@ HEAD_LMM_SHAPES: dict[str, tuple[int, int, int, int]] = {
     "llava-next-mistral-7b": (32, 32, 4096, 2),
 }
 CHUNK = 1 << 20
+# The released SAMs segment-anything publishes (the demo world's vit_tiny ships in the repository).
+OFFICIAL_SAM = {kind: SAM_CHECKPOINT_NAMES[kind] for kind in ("vit_b", "vit_l", "vit_h")}
 
 
 class DownloadError(RuntimeError):
@@ -169,9 +172,9 @@ def sam_md5_prefix(file_name: str) -> str:
 
 def download_sam(file_name: str, *, base_url: str | None = None, timeout: float = 30.0) -> Path:
     """An official SAM checkpoint (file name or 'vit_b' / 'vit_l' / 'vit_h') into checkpoints/."""
-    file_name = SAM_CHECKPOINTS.get(file_name, file_name)
-    if file_name not in SAM_CHECKPOINTS.values():
-        raise DownloadError(f"{file_name} is not an official SAM checkpoint ({', '.join(SAM_CHECKPOINTS.values())})")
+    file_name = OFFICIAL_SAM.get(file_name, file_name)
+    if file_name not in OFFICIAL_SAM.values():
+        raise DownloadError(f"{file_name} is not an official SAM checkpoint ({', '.join(OFFICIAL_SAM.values())})")
     base = base_url or os.environ.get(SAM_URL_ENV) or SAM_URL
     url = base.rstrip("/") + "/" + file_name
     return fetch_file(url, presets.checkpoints_dir() / file_name, md5_prefix=sam_md5_prefix(file_name), timeout=timeout)
@@ -252,8 +255,8 @@ def download_preset(name: str, *, log: Callable[[str], None] = print) -> bool:
         except DownloadError as err:
             log(f"{name}: {err}")
             return False
-    preset = presets.get_preset(name)
-    missing = presets.missing_pieces(preset)
+    missing = presets.missing_pieces(name)  # ValueError for an unknown name
+    preset = presets.PRESETS[name]
     if not missing:
         log(f"{name}: everything is present ({_present_summary(preset)})")
         return True

@@ -25,14 +25,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .backends import Backend, load_backend
-from .geometry import views_to_image
-from .heads.training_free import mask_box
+from .devices import LoadOptions
+from .geometry import mask_box, resize_map, resize_mask, views_to_image
+from .heads import load_head, load_sam
+from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
 from .images import fit_for_model, load_image
 from .phrases import extract_phrases, phrases_from_spans
+from .presets import require_weights
 from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
 
 MAX_QUESTION_CHARS = 2000
@@ -116,10 +118,6 @@ class Grounder:
         before any network call, naming them all and the `download` command. device / dtype /
         quantize / offload: see flmm_demo.devices.LoadOptions (default: the GPU if any, bf16 there).
         """
-        from .devices import LoadOptions
-        from .heads import load_head, load_sam
-        from .presets import require_weights
-
         resolved = require_weights(name)
         if resolved.is_demo and dtype is None:
             dtype = "fp32"  # the bundled 1.8M-parameter model gains nothing from bf16, and was trained in fp32
@@ -173,8 +171,6 @@ class Grounder:
         "training_free" (attention heat map -> SAM prompts, or a threshold without SAM),
         "auto" (the head when there is one).
         """
-        from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
-
         if mode not in MODES:
             raise ValueError(f"unknown grounding mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "head" and self.head is None:
@@ -206,7 +202,7 @@ class Grounder:
             else:
                 mask, score = heatmap_to_mask(heat.numpy(), sam=self.sam if refine else None,
                                               sam_embedding=sam_embedding if refine else None)
-            results.append(GroundedPhrase(phrase, mask, box_of(mask), score, heat.numpy().astype(np.float32)))
+            results.append(GroundedPhrase(phrase, mask, mask_box(mask), score, heat.numpy().astype(np.float32)))
         return results
 
 
@@ -376,11 +372,8 @@ class Session:
         """Scale a mask from the model image to the full-size image."""
         if self.model_image.size == self.image.size:
             return g
-        size = self.image.size
-        mask = np.asarray(Image.fromarray(g.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-        heat = F.interpolate(torch.from_numpy(g.heatmap)[None, None], size=(size[1], size[0]),
-                             mode="bilinear", align_corners=False)[0, 0].numpy()
-        return GroundedPhrase(g.phrase, mask, box_of(mask), g.score, heat)
+        mask = resize_mask(g.mask, self.image.size)
+        return GroundedPhrase(g.phrase, mask, mask_box(mask), g.score, resize_map(g.heatmap, self.image.size))
 
 
 def grounding_spans(phrases: Sequence[Phrase], num_tokens: int) -> list[tuple[int, int]]:
@@ -389,12 +382,6 @@ def grounding_spans(phrases: Sequence[Phrase], num_tokens: int) -> list[tuple[in
     spans = list(dict.fromkeys(p.token_span for p in phrases))
     whole = (0, num_tokens)
     return spans if whole in spans else spans + [whole]
-
-
-def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of a bool mask, x1/y1 exclusive; None when it is empty."""
-    box = mask_box(mask)
-    return None if box is None else tuple(int(v) for v in box)
 
 
 def enlarge_box(box: tuple[int, int, int, int] | None, image_size: tuple[int, int],

@@ -24,7 +24,8 @@ from PIL import Image
 
 from flmm_demo import render
 from flmm_demo.grounder import Grounder, Session, VisualCoT, check_question
-from flmm_demo.images import ImageError, fit_for_model, load_image, upscale_mask
+from flmm_demo.geometry import resize_mask
+from flmm_demo.images import ImageError, fit_for_model, load_image
 from flmm_demo.presets import PRESETS
 from flmm_demo.types import GroundedPhrase, Turn
 
@@ -329,7 +330,7 @@ class DemoApp:
             return None, None
         items, colors = state.items, render.palette(len(state.items))
         image, scale = fit_for_model(state.session.image, DISPLAY_MAX_SIDE)
-        fit = (lambda m: upscale_mask(m, image.size)) if scale != 1.0 else (lambda m: m)
+        fit = (lambda m: resize_mask(m, image.size)) if scale != 1.0 else (lambda m: m)
         if state.selected is None:
             shown = render.overlay(image, [fit(it.grounded.mask) for it in items], colors, alpha)
             overlay = render.with_legend(shown, [it.label for it in items], colors)
