@@ -1,6 +1,7 @@
-"""Command line: `python -m flmm_demo {doctor,ground,train,eval}`.
+"""Command line: `python -m flmm_demo {doctor,download,ground,train,eval}`.
 
     python -m flmm_demo doctor
+    python -m flmm_demo download llava-1.5-7b        # or --all-missing
     python -m flmm_demo ground photo.jpg more/*.png --question "What is in the image?" --out results/
     python -m flmm_demo ground scene.png --expression "the red circle" --out results/
     torchrun --nproc_per_node 2 -m flmm_demo ground photos/ --question "What is in the image?" --out results/
@@ -10,16 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from accelerate.utils import gather_object
 from PIL import Image
 from tqdm import tqdm
 
+from flmm_demo import download
+from flmm_demo.devices import add_load_arguments, load_options
 from flmm_demo.distributed import process_state
 from flmm_demo.doctor import doctor_report
 from flmm_demo.grounder import MODES, Grounder, Session
 from flmm_demo.images import ImageError, image_files
+from flmm_demo.presets import MissingWeightsError
 from flmm_demo.render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
 from flmm_demo.training import evaluate, train
 from flmm_demo.types import GroundedPhrase
@@ -38,7 +43,14 @@ def ground_images(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     state = process_state()
-    grounder = Grounder.from_preset(args.model, device=args.device or str(state.device))
+    options = load_options(args)
+    if state.num_processes > 1 and options.device in ("auto", "cuda"):
+        options = replace(options, device=str(state.device))  # each process its own GPU: cuda:<local rank>
+    try:
+        grounder = Grounder.from_preset(args.model, **asdict(options))
+    except (MissingWeightsError, ValueError) as error:
+        print(f"Cannot load the model: {error}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     grounded_here = []
@@ -114,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ground.add_argument("--mode", default="auto", choices=MODES)
     ground.add_argument("--no-refine", action="store_true", help="skip the SAM refiner")
     ground.add_argument("--max-new-tokens", type=int, default=128)
-    ground.add_argument("--device", help="default: this process's GPU (cuda:<local rank>) when there is one, else cpu")
-
+    add_load_arguments(ground)
+    download.add_arguments(sub.add_parser("download", help="fetch a preset's LMM, F-LMM head and SAM checkpoint"))
     # Their flags are their config dataclasses (TrainConfig, EvalConfig), parsed by their own main.
     sub.add_parser("train", help="train an F-LMM head on a frozen LMM", add_help=False)
     sub.add_parser("eval", help="referring segmentation cIoU / gIoU", add_help=False)
@@ -130,4 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         print(doctor_report())
         return 0
+    if args.command == "download":
+        return download.run(args)
     return ground_images(args)
