@@ -20,7 +20,6 @@ import numbers
 import queue
 import threading
 import unicodedata
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +31,13 @@ from PIL import Image
 
 from .backends import Backend, load_backend
 from .backends.base import check_max_new_tokens
+from .devices import LoadOptions
 from .geometry import mask_box, resize_map, resize_mask, views_to_image
 from .heads import load_head, load_sam
 from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
 from .images import fit_for_model, load_image
 from .phrases import extract_phrases, phrases_from_spans
-from .presets import resolve_preset
+from .presets import require_weights
 from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
 
 MAX_QUESTION_CHARS = 2000
@@ -47,10 +47,6 @@ VCOT_HINT = "First think which object in this image is most relevant to the ques
 VCOT_LEAD = "The object most relevant to the question is"
 VCOT_REGION = "The second image is the image region that might help you answer the question."
 VCOT_REGION_ALONE = "This is the image region that might help you answer the question."
-
-
-class MissingPartWarning(UserWarning):
-    """A preset loaded without one of its parts (F-LMM head or SAM): fewer modes."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +59,6 @@ class ModelInfo:
     is_demo: bool
     has_head: bool
     has_sam: bool
-    # One message per part the preset uses but could not find (head, SAM): show them.
-    missing: tuple[str, ...] = ()
 
     @property
     def modes(self) -> list[str]:
@@ -131,19 +125,29 @@ class Grounder:
         self._session: Session | None = None
 
     @classmethod
-    def from_preset(cls, name: str | None = None, *, device: str = "cpu") -> "Grounder":
-        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo."""
-        resolved = resolve_preset(name)
-        backend = load_backend(str(resolved.model_path), device=device)
-        head = load_head(resolved.head_path, backend) if resolved.head_path else None
+    def from_preset(
+        cls, name: str | None = None, *, device: str = "auto", dtype: str | None = None,
+        quantize: str | None = None, offload: bool = False,
+    ) -> "Grounder":
+        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo.
+
+        A preset missing any piece (LMM, F-LMM head, SAM) raises MissingWeightsError at once,
+        before any network call, naming them all and the `download` command. device / dtype /
+        quantize / offload: see flmm_demo.devices.LoadOptions (default: the GPU if any, bf16 there).
+        """
+        resolved = require_weights(name)
+        if resolved.is_demo and dtype is None:
+            dtype = "fp32"  # the bundled 1.8M-parameter model gains nothing from bf16, and was trained in fp32
+        options = LoadOptions(device=device, dtype=dtype, quantize=quantize, offload=offload)
+        kwargs = options.from_pretrained_kwargs()
+        backend = load_backend(str(resolved.model_path), **kwargs)
+        device = kwargs["device"]
+        head = load_head(resolved.head_path, backend, device=device) if resolved.head_path else None
         sam = load_sam(resolved.sam_path, device=device) if resolved.sam_path else None
         info = ModelInfo(
             name=resolved.name, family=backend.family, description=resolved.description,
             is_demo=resolved.is_demo, has_head=head is not None, has_sam=sam is not None,
-            missing=tuple(resolved.missing_parts()),
         )
-        for message in info.missing:  # loading goes on with fewer modes, but never silently
-            warnings.warn(message, MissingPartWarning, stacklevel=2)
         return cls(backend, head, sam, info=info)
 
     # ----------------------------------------------------- SamPredictor-like use
@@ -206,10 +210,10 @@ class Grounder:
             whole = phrase.token_span == (0, len(attention.token_ids))
             heat_views = [attention_heatmap(m, baseline=None if whole else b, num_heads=attention.num_heads)
                           for m, b in zip(maps, baselines)]
-            heat = views_to_image([h[None] for h in heat_views], attention.views, (width, height))[0]
+            heat = views_to_image([h[None].cpu() for h in heat_views], attention.views, (width, height))[0]
             heat = heat / heat.max().clamp(min=1e-12)
             if head_outputs is not None:
-                logits = head_outputs[i].mask_logits
+                logits = head_outputs[i].mask_logits.float().cpu()  # the head may run on the GPU
                 mask = (logits > 0).numpy()
                 score = float(torch.sigmoid(logits[logits > 0]).mean()) if mask.any() else 0.0
             else:
@@ -344,14 +348,21 @@ class Session:
             raise ValueError(f"The answer to ground must be text, got {type(answer).__name__}.")
         else:
             check_text(answer, "answer")
+        if mode not in MODES:  # before any work, and even when nothing will be grounded
+            raise ValueError(f"unknown grounding mode {mode!r}; choose one of {', '.join(MODES)}")
         question, history = self._context() if self.history else ("", [])
         spans = check_spans(spans, answer) if spans is not None else None
         if not answer.strip() or spans == []:
             return []
+        backend = self.grounder.backend
         with self.grounder.lock:
-            attention = self.grounder.backend.attend(self.model_image, history, question, answer, template="chat")
-            phrases = (phrases_from_spans(answer, spans, attention.token_spans) if spans is not None
-                       else extract_phrases(answer, attention.token_spans))
+            token_spans = backend.answer_token_spans(self.model_image, history, question, answer, template="chat")
+            phrases = (phrases_from_spans(answer, spans, token_spans) if spans is not None
+                       else extract_phrases(answer, token_spans))
+            if not phrases:
+                return []
+            attention = backend.attend(self.model_image, history, question, answer, template="chat",
+                                       spans=grounding_spans(phrases, len(token_spans)))
             grounded = self.grounder.segment(attention, phrases, mode=mode, refine=refine,
                                              sam_embedding=self._sam_embedding(refine))
         return [self._full_size(g) for g in grounded]
@@ -359,9 +370,12 @@ class Session:
     def ground_expression(self, expression: str, *, mode: str = "auto", refine: bool = True) -> GroundedPhrase:
         """Mask of a typed referring expression, teacher-forced as F-LMM evaluates."""
         expression = check_question(expression, "expression")
+        backend = self.grounder.backend
         with self.grounder.lock:
-            attention = self.grounder.backend.attend(self.model_image, [], "", expression, template="flmm")
-            phrase = Phrase(expression, (0, len(expression)), (0, len(attention.token_ids)))
+            count = len(backend.answer_token_spans(self.model_image, [], "", expression, template="flmm"))
+            phrase = Phrase(expression, (0, len(expression)), (0, count))
+            attention = backend.attend(self.model_image, [], "", expression, template="flmm",
+                                       spans=grounding_spans([phrase], count))
             (grounded,) = self.grounder.segment(attention, [phrase], mode=mode, refine=refine,
                                                 sam_embedding=self._sam_embedding(refine))
         return self._full_size(grounded)
@@ -385,13 +399,15 @@ class Session:
             probe_history = self.history[probe_start:]
             lead = backend.chat(self.model_image, probe_history, probe, max_new_tokens=probe_budget,
                                 answer_start=VCOT_LEAD).strip()
-            attention = backend.attend(self.model_image, probe_history, probe, lead, template="chat",
-                                       answer_start=VCOT_LEAD) if lead else None
-            phrases = extract_phrases(lead, attention.token_spans) if attention is not None else []
+            token_spans = backend.answer_token_spans(self.model_image, probe_history, probe, lead,
+                                                     template="chat", answer_start=VCOT_LEAD) if lead else []
+            phrases = extract_phrases(lead, token_spans) if lead else []
             if phrases:  # ground the generated object words together (mean over their tokens)
                 span = (phrases[0].token_span[0], phrases[-1].token_span[1])
                 obj_phrase = Phrase(lead[phrases[0].char_span[0]:phrases[-1].char_span[1]],
                                     (phrases[0].char_span[0], phrases[-1].char_span[1]), span)
+                attention = backend.attend(self.model_image, probe_history, probe, lead, template="chat",
+                                           answer_start=VCOT_LEAD, spans=grounding_spans([obj_phrase], len(token_spans)))
                 (obj,) = self.grounder.segment(attention, [obj_phrase], mode=mode, refine=refine,
                                                sam_embedding=self._sam_embedding(refine))
                 obj = self._full_size(obj)
@@ -450,6 +466,14 @@ def check_spans(spans: Any, answer: str) -> list[tuple[int, int]]:
             )
         checked.append((start, end))
     return checked
+
+
+def grounding_spans(phrases: Sequence[Phrase], num_tokens: int) -> list[tuple[int, int]]:
+    """The answer-token spans grounding reads: each phrase's, then the whole answer (the
+    training-free baseline). Attending with only these keeps P maps instead of T."""
+    spans = list(dict.fromkeys(p.token_span for p in phrases))
+    whole = (0, num_tokens)
+    return spans if whole in spans else spans + [whole]
 
 
 def enlarge_box(box: tuple[int, int, int, int] | None, image_size: tuple[int, int],

@@ -26,7 +26,7 @@ from flmm_demo import render
 from flmm_demo.grounder import Grounder, Session, VisualCoT, check_question
 from flmm_demo.geometry import resize_mask
 from flmm_demo.images import ImageError, fit_for_model, load_image
-from flmm_demo.presets import PRESETS, MissingWeightsError
+from flmm_demo.presets import PRESETS
 from flmm_demo.types import GroundedPhrase, Turn
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -578,7 +578,7 @@ class DemoApp:
             return {self.state: state}
         try:
             grounder = self.pool.get(name)
-        except (MissingWeightsError, ValueError, OSError) as err:
+        except Exception as err:  # missing weights, or a model that fails to load: a message, never a traceback
             gr.Warning(str(err))
             return {self.preset: current, self.status: f"Stayed on `{current}`: {err}"}
         state.preset = name

@@ -9,7 +9,6 @@ import io
 import json
 import pickle
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from flmm_demo.backends.base import ModelFilesError
-from flmm_demo.grounder import Grounder, MissingPartWarning
+from flmm_demo.grounder import Grounder
 from flmm_demo.heads import FlmmHead, FlmmHeadConfig, load_head, load_sam
 from flmm_demo.images import ImageError, load_image
 from flmm_demo.refs_file import RefsFileError, read_refs
@@ -306,25 +305,19 @@ def test_heads_and_sams_that_do_not_fit_or_are_damaged(demo_grounder, family_bac
     assert "weights_only=False" not in str(err.value)
 
 
-@pytest.mark.parametrize("missing, message", [("head", "F-LMM head of 'demo-shapes' is missing"),
-                                              ("sam_vit_tiny.safetensors", "demo model's SAM is missing")])
+@pytest.mark.parametrize("missing, message", [("head", "1 piece.s. missing.*head"),
+                                              ("sam_vit_tiny.safetensors", "1 piece.s. missing.*SAM vit_tiny")])
 def test_a_preset_missing_its_head_or_sam_says_so(tmp_path, monkeypatch, missing, message):
     from conftest import DEMO_DIR
+    from flmm_demo.presets import MissingWeightsError
 
     shutil.copytree(DEMO_DIR, tmp_path / "demo-shapes")
     target = tmp_path / "demo-shapes" / missing
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     monkeypatch.setenv("FLMM_CHECKPOINTS", str(tmp_path))
-    with pytest.warns(MissingPartWarning, match=message):
-        grounder = Grounder.from_preset("demo-shapes")
-    assert any(message in m and str(target) in m for m in grounder.info.missing)
-    assert grounder.info.has_head == (missing != "head") and grounder.info.has_sam == (missing == "head")
-
-
-def test_the_complete_demo_preset_loads_without_a_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", MissingPartWarning)
-        assert Grounder.from_preset("demo-shapes").info.missing == ()
+    with pytest.raises(MissingWeightsError, match=f"(?s)cannot load: {message}") as err:
+        Grounder.from_preset("demo-shapes")
+    assert str(target) in str(err.value)
 
 
 # -------------------------------------------------------------------- pickles

@@ -60,6 +60,13 @@ def test_all_images_bad_is_a_failure(model_dir, tmp_path):
                  "--model", str(model_dir)]) == 1
 
 
+def test_ground_a_folder_without_images_says_so(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["ground", str(tmp_path), "--expression", "the cat", "--out", str(tmp_path / "o")]) == 2
+    assert f"folder {tmp_path} holds no image file (.png, .jpg" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_doctor_lists_presets(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
@@ -102,13 +109,15 @@ def test_results_already_in_out_are_never_overwritten(model_dir, tmp_path):
     assert json.loads((out / "scene-2" / "result.json").read_text())["answer"] == "the red mat"
 
 
-def test_an_empty_folder_as_out_and_a_folder_among_the_images(model_dir, tmp_path, capsys):
+def test_an_empty_folder_as_out_and_an_empty_folder_among_the_images(model_dir, tmp_path, capsys):
     out = tmp_path / "empty"
     out.mkdir()
-    folder = tmp_path / "not_an_image.png"
+    assert ground(model_dir, out, red_square(tmp_path / "ok.png")) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ok"]
+    folder = tmp_path / "no_images"
     folder.mkdir()
-    assert ground(model_dir, out, folder, red_square(tmp_path / "ok.png")) == 0
-    assert "is not a file" in capsys.readouterr().err
+    assert ground(model_dir, out, folder, red_square(tmp_path / "ok.png")) == 2
+    assert "holds no image file" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["ok"]
 
 

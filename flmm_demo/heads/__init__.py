@@ -65,7 +65,8 @@ def load_head(path: str | Path, lmm: LmmShape, device: str | torch.device = "cpu
         head.check_compatible(lmm)
         return head
     with readable(path, "F-LMM head"):
-        head = load_official_flmm(path, num_layers=lmm.num_layers, num_heads=lmm.num_heads, hidden_size=lmm.hidden_size)
+        head = load_official_flmm(path, num_layers=lmm.num_layers, num_heads=lmm.num_heads,
+                                  hidden_size=lmm.hidden_size, input_grids=getattr(lmm, "head_input_grids", 1))
     return head.to(device)
 
 
