@@ -34,6 +34,7 @@ FAMILY_BUILDERS: dict[str, Callable[[], tuple]] = {
     "qwen2_5_vl": lambda: testing.tiny_qwen2_vl("qwen2_5_vl"),
     "idefics3": lambda: testing.tiny_idefics3(),
     "smolvlm": lambda: testing.tiny_idefics3(smolvlm=True),
+    "qwen3_vl": testing.tiny_qwen3_vl,
 }
 
 
