@@ -1,7 +1,8 @@
 """Test environment and the fixtures several test files share.
 
-Everything runs offline on the CPU: the Hugging Face hub is never contacted, and the
-models are the tiny random ones of `flmm_demo.backends.testing` or the bundled demo.
+Everything runs on the CPU without the Hugging Face hub: the models are the tiny random
+ones of `flmm_demo.backends.testing` or the bundled demo, loaded from folders. (The
+offline switches are not set here: tests of the download messages set them per test.)
 Expensive objects (the tiny backends of every family, the demo model, a saved tiny
 LLaVA folder) are built once per test session.
 """
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the Rust tokenizers
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
