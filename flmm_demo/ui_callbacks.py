@@ -161,8 +161,9 @@ class Callbacks:
     def _start(self, state: UIState, image: Any, request: gr.Request | None) -> Update:
         key = getattr(request, "session_hash", None) or state.key or f"local-{id(state)}"
         if not self.registry.admit(key, state):
-            message = (f"The demo is busy: {self.registry.max_sessions} people are using it, its limit. "
-                       f"Try again in a few minutes (idle sessions are released after {self._ttl_text()}).")
+            n = self.registry.max_sessions
+            message = (f"The demo is busy: it holds {n} conversation{'s' if n != 1 else ''} at once, its limit. "
+                       f"Try again in a few minutes (idle ones are released after {self._ttl_text()}).")
             gr.Warning(message)
             return {"status": message, "state": state}
         try:

@@ -8,7 +8,10 @@ megabytes. `SessionRegistry` counts the live sessions of all tabs and releases t
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import shutil
+import sys
 import threading
 import uuid
 from collections import OrderedDict
@@ -260,6 +263,7 @@ class SessionRegistry:
             state = self._live.pop(key, None)
         if state is not None:
             state.release()
+            _return_freed_memory()
 
     def expire(self, state: UIState) -> None:
         """Gradio dropped an idle tab's state: free it and remember the tab."""
@@ -272,7 +276,18 @@ class SessionRegistry:
                 while len(self._expired) > 10_000:
                     self._expired.popitem(last=False)
         state.release()
+        _return_freed_memory()
 
     def was_expired(self, key: str | None) -> bool:
         with self._lock:
             return key is not None and key in self._expired
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them for reuse otherwise, so a
+    server's RSS would stay at its peak after every visitor left)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            pass
