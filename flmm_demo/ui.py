@@ -134,8 +134,12 @@ class DemoPage:
         start_out = ("image_in", "confirm_row", "chatbot", "status", "sam_status", "vcot_panel", "sam_timer",
                      "state", *VIEW)
         private = {"api_visibility": "private"}
-        self._on([c["image_in"].upload], cb.on_image, ("image_in", "state"), start_out, api_name="set_image",
-                 preprocess=False)
+        # The API's /set_image leaves the timer out (it has no name to show); a private step starts it.
+        self._on([c["image_in"].upload], cb.on_image, ("image_in", "state"),
+                 tuple(n for n in start_out if n != "sam_timer"), api_name="set_image", preprocess=False,
+                 ignored=("sam_timer",)).then(
+            self._bound(cb.on_tick, ("sam_status", "sam_timer")), [c["state"]], [c["sam_status"], c["sam_timer"]],
+            show_progress="hidden", **private)
         self._on([c["image_in"].clear], cb.on_image_cleared, ("state",), start_out, **private)
         self._on([c["examples"].click], cb.on_example, ("examples", "state"), start_out, **private)
         self._on([c["confirm_btn"].click], cb.on_confirm, ("state",), start_out, **private)
@@ -173,16 +177,18 @@ class DemoPage:
         self.blocks.unload(cb.on_unload)
 
     def _on(self, triggers: Sequence[Any], fn: Callable, inputs: Sequence[str], outputs: Sequence[str],
-            **kwargs: Any) -> None:
-        gr.on(triggers, self._bound(fn, outputs), [self.c[n] for n in inputs], [self.c[n] for n in outputs],
-              **kwargs)
+            ignored: Sequence[str] = (), **kwargs: Any) -> Any:
+        return gr.on(triggers, self._bound(fn, outputs, ignored), [self.c[n] for n in inputs],
+                     [self.c[n] for n in outputs], **kwargs)
 
-    def _bound(self, fn: Callable, outputs: Sequence[str]) -> Callable:
+    def _bound(self, fn: Callable, outputs: Sequence[str], ignored: Sequence[str] = ()) -> Callable:
         """`fn` returning {component: value} instead of {name: value}; Gradio still sees fn's
-        signature (gr.Request, gr.SelectData) and whether it streams."""
+        signature (gr.Request, gr.SelectData) and whether it streams. `ignored`: names fn
+        may return that this event does not show."""
         allowed = set(outputs)
 
         def by_component(update: dict[str, Any]) -> dict[Any, Any]:
+            update = {k: v for k, v in update.items() if k not in ignored}
             unknown = set(update) - allowed
             if unknown:  # a wiring mistake, not a user error
                 raise KeyError(f"{fn.__name__} returned {sorted(unknown)}, which are not among its outputs")

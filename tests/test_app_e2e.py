@@ -305,3 +305,27 @@ def test_visual_chain_of_thought_shows_object_crop_and_both_answers(browser, app
     if os.environ.get("FLMM_SCREENSHOTS"):  # refreshes the README's screenshot
         page.screenshot(path=str(ROOT / "docs" / "app_visual_cot.png"), full_page=True)
     context.close()
+
+
+def test_opacity_typed_or_arrowed_redraws_and_the_image_box_x_ends_the_session(browser, app_url):
+    context, page = _open(browser, app_url)
+    _upload(page, ROOT / "assets" / f"shapes_{OTHER_SEED}.png")
+    _ask(page, "Describe the image.")
+
+    def redrawn_after(action) -> None:
+        before = page.locator("#mask-view img").get_attribute("src")
+        action()
+        page.wait_for_function("s => document.querySelector('#mask-view img')?.getAttribute('src') !== s",
+                               arg=before, timeout=30_000)
+
+    box = page.locator("#alpha input[type=number]")
+    redrawn_after(lambda: (box.fill("0.95"), box.press("Enter")))
+    slider = page.locator("#alpha input[type=range]")
+    redrawn_after(lambda: (slider.focus(), slider.press("ArrowLeft")))
+
+    page.locator("#image-in button[aria-label*='lear'], #image-in button[aria-label*='emove']").first.click()
+    _wait_status(page, r"Image removed")
+    page.locator("#question textarea").fill("Describe the image.")
+    page.locator("#ask").click()
+    _wait_status(page, r"The image was removed: upload an image")
+    context.close()
