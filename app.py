@@ -19,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import torch
 
 from flmm_demo.grounder import Grounder
+from flmm_demo.phrases import SpacyModelMissing, load_spacy
 from flmm_demo.presets import MissingWeightsError
 from flmm_demo.ui import ASSETS_DIR, DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_TTL_S, EXPORT_DIR, build_demo
 
@@ -116,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         grounder = Grounder.from_preset(args.preset, device=args.device)
     except (MissingWeightsError, ValueError) as err:
         sys.exit(f"Cannot start the demo: {err}")
+    try:  # loaded once per process anyway: now, so the first visitor does not wait for it
+        load_spacy()
+    except SpacyModelMissing as err:
+        print(f"Warning: answers will not be grounded: {err}", file=sys.stderr)
     demo = build_demo(grounder, session_ttl_s=args.session_ttl, max_sessions=args.max_sessions)
     host_name = args.host or "127.0.0.1"  # --share tunnels to the local port; no need to open the LAN
     demo.queue(default_concurrency_limit=args.concurrency, max_size=32).launch(

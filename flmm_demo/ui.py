@@ -194,16 +194,39 @@ class DemoPage:
                 raise KeyError(f"{fn.__name__} returned {sorted(unknown)}, which are not among its outputs")
             return {self.c[name]: value for name, value in update.items()}
 
+        registry = self.callbacks.registry
+
+        def tab_state(args: tuple) -> UIState | None:
+            return next((a for a in args if isinstance(a, UIState)), None)
+
+        # While an event runs, its tab's state is marked busy, so an idle-TTL expiry that
+        # lands meanwhile does not free what the event is still using.
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def stream(*args: Any, **kwargs: Any):
-                for update in fn(*args, **kwargs):
-                    yield by_component(update)
+                state, handed_back = tab_state(args), False
+                if state is not None:
+                    registry.started(state)
+                try:
+                    for update in fn(*args, **kwargs):
+                        handed_back = handed_back or "state" in update
+                        yield by_component(update)
+                finally:
+                    if state is not None:
+                        registry.finished(state, handed_back)
             return stream
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any):
-            return by_component(fn(*args, **kwargs))
+            state, update = tab_state(args), {}
+            if state is not None:
+                registry.started(state)
+            try:
+                update = fn(*args, **kwargs)
+                return by_component(update)
+            finally:
+                if state is not None:
+                    registry.finished(state, "state" in (update or {}))
         return call
 
 

@@ -81,6 +81,8 @@ class UIState:
     image_removed: bool = False  # the user cleared the image box
     key: str | None = None  # Gradio's session hash, once a session was started
     export_dir: Path | None = None  # this tab's download folder
+    busy: int = 0  # events of this tab running now (see SessionRegistry.expire)
+    expired: bool = False  # Gradio expired the state while an event was using it
 
     def start(self, session: Session) -> None:
         """Make `session` this tab's conversation; the previous one is released."""
@@ -266,10 +268,17 @@ class SessionRegistry:
             _return_freed_memory()
 
     def expire(self, state: UIState) -> None:
-        """Gradio dropped an idle tab's state: free it and remember the tab."""
+        """Gradio dropped an idle tab's state: free it and remember the tab.
+
+        An event still running on the state (a long answer) keeps it: the event hands
+        the state back to Gradio, which stores it again; `finished` frees it if not.
+        """
         if not isinstance(state, UIState):
             return
         with self._lock:
+            if state.busy:
+                state.expired = True
+                return
             if state.key is not None and self._live.get(state.key) is state:
                 del self._live[state.key]
                 self._expired[state.key] = None
@@ -277,6 +286,22 @@ class SessionRegistry:
                     self._expired.popitem(last=False)
         state.release()
         _return_freed_memory()
+
+    def started(self, state: UIState) -> None:
+        """An event began using `state`."""
+        with self._lock:
+            state.busy += 1
+
+    def finished(self, state: UIState, handed_back: bool) -> None:
+        """An event using `state` ended; handed_back: it returned the state, so Gradio keeps it."""
+        with self._lock:
+            state.busy -= 1
+            expire = state.expired and not state.busy
+            if expire and handed_back:
+                state.expired = expire = False
+        if expire:
+            state.expired = False
+            self.expire(state)
 
     def was_expired(self, key: str | None) -> bool:
         with self._lock:

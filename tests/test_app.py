@@ -259,3 +259,38 @@ def test_a_big_photo_is_shown_at_display_size_and_exported_at_full_size(tiny_gro
             png = np.asarray(Image.open(io.BytesIO(zf.read(name))))
             assert png.shape == (2000, 3000)
             assert ((png == 255) == item.full().mask).all()
+
+
+def test_a_tab_expiring_while_its_answer_is_written_keeps_its_session_until_the_event_ends(tiny_grounder, tmp_path):
+    page = Page(build_demo(tiny_grounder, export_dir=tmp_path, session_ttl_s=60))
+    page.fire("on_image", {"image-in": {"path": str(SCENE)}}, request=SimpleNamespace(session_hash="t"))
+    state = page.values[page.state]
+    dep = next(d for d in page.demo.fns.values() if d.name == "on_ask")
+    events = dep.fn("What is here?", state, 16, "head", False, False, 0.55, False)
+    next(events)  # "Answering…": the event is running
+    page.state.delete_callback(state)  # the idle TTL passes now
+    assert state.session is not None  # still in use
+    *_, last = events
+    assert any(k.elem_id == "status" and v.startswith("Grounded") for k, v in last.items())
+    assert state.session is not None and not state.expired  # handed back to Gradio, which keeps it
+
+    registry = page.state.delete_callback.__self__
+    registry.started(state)
+    page.state.delete_callback(state)
+    registry.finished(state, handed_back=False)  # an event that did not return the state
+    assert state.session is None
+
+
+def test_scores_are_shown_and_words_the_model_cannot_spell_are_flagged(tmp_path):
+    grounder = Grounder.from_preset("demo-shapes")  # its tokenizer has an unknown token
+    page = Page(build_demo(grounder, export_dir=tmp_path))
+    page.fire("on_image", {"image-in": {"path": str(SCENE)}})
+    page.fire("on_ground", {"ground-text": "the red cross", "mode": "head", "refine": True})
+    assert page.shown("status") == "Grounded the expression “the red cross”."
+    page.fire("on_ground", {"ground-text": "the blorp zizzle", "mode": "head", "refine": True})
+    assert page.shown("status") == ("Grounded the expression “the blorp zizzle”. Low confidence for 2. the blorp "
+                                    "zizzle (the model does not know 'blorp', 'zizzle'): treat this mask as a guess.")
+    choices = [display for display, _ in page.values[page.component("phrase-pick")].choices]
+    state = page.values[page.state]
+    assert choices[1:] == [f"{it.label} · score {it.shown.score:.2f}" + (" · low confidence" if i else "")
+                           for i, it in enumerate(state.items)]
