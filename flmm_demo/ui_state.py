@@ -176,7 +176,8 @@ def pictures(state: UIState, alpha: float, show_heat: bool) -> tuple[Image.Image
 
 def write_exports(state: UIState, overlay: Image.Image, root: Path, masks: bool = True) -> dict[str, Path]:
     """Write the overlay picture and, with masks, the full-size masks on display (the selected
-    one or all) as a PNG zip and COCO JSON. Returns {'png': ..., 'zip': ..., 'json': ...}.
+    one or all) as a PNG zip (its overlay.png is the display-size `overlay`) and COCO JSON.
+    Returns {'png': ..., 'zip': ..., 'json': ...}.
 
     Each call writes into a fresh folder: a download never gets a file that another event
     of the same tab is rewriting. The tab keeps only the latest two.
@@ -194,7 +195,8 @@ def write_exports(state: UIState, overlay: Image.Image, root: Path, masks: bool 
         chosen = state.items if state.selected is None else [state.items[state.selected]]
         image = state.session.image
         grounded = [it.full() for it in chosen]
-        out["zip"] = render.export_png_zip(image, grounded, folder / "masks.zip", [it.colour for it in chosen])
+        out["zip"] = render.export_png_zip(image, grounded, folder / "masks.zip", [it.colour for it in chosen],
+                                           overlay_image=overlay)
         out["json"] = render.export_coco_json(image, grounded, folder / "masks_coco.json")
     return out
 
