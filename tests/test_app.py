@@ -294,3 +294,16 @@ def test_scores_are_shown_and_words_the_model_cannot_spell_are_flagged(tmp_path)
     state = page.values[page.state]
     assert choices[1:] == [f"{it.label} · score {it.shown.score:.2f}" + (" · low confidence" if i else "")
                            for i, it in enumerate(state.items)]
+
+
+def test_an_answer_for_a_replaced_image_is_dropped_not_shown_over_the_new_conversation(tiny_grounder, tmp_path):
+    page = Page(build_demo(tiny_grounder, export_dir=tmp_path))
+    page.fire("on_image", {"image-in": {"path": str(SCENE)}})
+    dep = next(d for d in page.demo.fns.values() if d.name == "on_ask")
+    events = dep.fn("What is here?", page.values[page.state], 16, "head", False, False, 0.55, False)
+    next(events)  # "Answering…"
+    other = ROOT / "assets" / "shapes_8.png"
+    page.fire("on_image", {"image-in": {"path": str(other)}})  # a new image while the answer is written
+    assert page.shown("status").startswith("New conversation")
+    assert list(events) == []  # the old answer and its masks are not shown
+    assert page.values[page.state].items == [] and page.values[page.state].session.history == []
