@@ -14,13 +14,15 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from flmm_demo.doctor import doctor_report
+from flmm_demo.grounder import MODES, Grounder
+from flmm_demo.images import ImageError
+from flmm_demo.render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
+from flmm_demo.training import evaluate, train
+
 
 def ground_images(args: argparse.Namespace) -> int:
     """Ground each image; a bad file is reported and skipped, the rest go on."""
-    from .grounder import Grounder
-    from .images import ImageError
-    from .render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
-
     grounder = Grounder.from_preset(args.model)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,23 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--expression", help="ground this referring expression (teacher-forced)")
     ground.add_argument("--out", required=True, help="output folder (one subfolder per image)")
     ground.add_argument("--model", default=None, help="preset name or model folder (default: $FLMM_PRESET or demo-shapes)")
-    ground.add_argument("--mode", default="auto", choices=["auto", "head", "training_free"])
+    ground.add_argument("--mode", default="auto", choices=MODES)
     ground.add_argument("--no-refine", action="store_true", help="skip the SAM refiner")
     ground.add_argument("--max-new-tokens", type=int, default=128)
 
-    from . import evaluate, train
+    # Their flags are their config dataclasses (TrainConfig, EvalConfig), parsed by their own main.
+    sub.add_parser("train", help="train an F-LMM head on a frozen LMM", add_help=False)
+    sub.add_parser("eval", help="referring segmentation cIoU / gIoU", add_help=False)
 
-    train.add_arguments(sub.add_parser("train", help="train an F-LMM head on a frozen LMM"))
-    evaluate.add_arguments(sub.add_parser("eval", help="referring segmentation cIoU / gIoU"))
-
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        return train.main(rest)
+    if args.command == "eval":
+        return evaluate.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "doctor":
-        from .presets import doctor_report
-
         print(doctor_report())
         return 0
-    if args.command == "ground":
-        return ground_images(args)
-    if args.command == "train":
-        return train.run(args) or 0
-    return evaluate.run(args) or 0
+    return ground_images(args)

@@ -22,22 +22,20 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .backends import Backend, load_backend
-from .geometry import views_to_image
-from .heads.training_free import mask_box
+from .geometry import mask_box, resize_map, resize_mask, views_to_image
+from .heads import FlmmHead, SamImageEncoderCache, load_head, load_sam
+from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
 from .images import fit_for_model, load_image
 from .phrases import extract_phrases, phrases_from_spans
+from .presets import resolve_preset
 from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
-
-if TYPE_CHECKING:  # the heads import torch modules this file only passes along
-    from .heads import FlmmHead, SamImageEncoderCache
 
 MAX_QUESTION_CHARS = 2000
 Mode = Literal["auto", "head", "training_free"]
@@ -127,9 +125,6 @@ class Grounder:
     @classmethod
     def from_preset(cls, name: str | None = None, *, device: str = "cpu") -> "Grounder":
         """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo."""
-        from .heads import load_head, load_sam
-        from .presets import resolve_preset
-
         resolved = resolve_preset(name)
         backend = load_backend(str(resolved.model_path), device=device)
         head = load_head(resolved.head_path, backend) if resolved.head_path else None
@@ -191,8 +186,6 @@ class Grounder:
         "training_free" (attention heat map -> SAM prompts, or a threshold without SAM),
         "auto" (the head when there is one).
         """
-        from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
-
         if mode not in MODES:
             raise ValueError(f"unknown grounding mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "head" and self.head is None:
@@ -224,7 +217,7 @@ class Grounder:
             else:
                 mask, score = heatmap_to_mask(heat.numpy(), sam=self.sam if refine else None,
                                               sam_embedding=sam_embedding if refine else None)
-            results.append(GroundedPhrase(phrase, mask, box_of(mask), score, heat.numpy().astype(np.float32)))
+            results.append(GroundedPhrase(phrase, mask, mask_box(mask), score, heat.numpy().astype(np.float32)))
         return results
 
 
@@ -411,11 +404,8 @@ class Session:
         """Scale a mask from the model image to the full-size image."""
         if self.model_image.size == self.image.size:
             return g
-        size = self.image.size
-        mask = np.asarray(Image.fromarray(g.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-        heat = F.interpolate(torch.from_numpy(g.heatmap)[None, None], size=(size[1], size[0]),
-                             mode="bilinear", align_corners=False)[0, 0].numpy()
-        return GroundedPhrase(g.phrase, mask, box_of(mask), g.score, heat)
+        mask = resize_mask(g.mask, self.image.size)
+        return GroundedPhrase(g.phrase, mask, mask_box(mask), g.score, resize_map(g.heatmap, self.image.size))
 
 
 def find_spans(answer: str, words: str) -> list[tuple[int, int]]:
@@ -429,11 +419,6 @@ def find_spans(answer: str, words: str) -> list[tuple[int, int]]:
     pattern = (r"\b" if re.match(r"\w", words) else "") + pattern + (r"\b" if re.search(r"\w$", words) else "")
     return [(m.start(), m.end()) for m in re.finditer(pattern, answer, flags=re.IGNORECASE)]
 
-
-def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of a bool mask, x1/y1 exclusive; None when it is empty."""
-    box = mask_box(mask)
-    return None if box is None else tuple(int(v) for v in box)
 
 
 def enlarge_box(box: tuple[int, int, int, int] | None, image_size: tuple[int, int],

@@ -1,7 +1,7 @@
 """The one image loader: anything a user can hand us -> an upright 8-bit RGB PIL image.
 
-Also the two size helpers around the model: `fit_for_model` shrinks huge photos before
-they reach the LMM, and `upscale_mask` brings a mask back to the full image size.
+Also `fit_for_model`, which shrinks huge photos before they reach the LMM (a mask goes
+back to the full size with `geometry.resize_mask`).
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def fit_for_model(image: Image.Image, max_side: int = 2048) -> tuple[Image.Image
 
     Returns (image, scale) with scale = new longest side / old longest side (1.0 and the
     same image when it already fits). A mask predicted on the small image goes back to
-    the full size with `upscale_mask(mask, original.size)`.
+    the full size with `geometry.resize_mask(mask, original.size)`.
     """
     if max_side < 1:
         raise ValueError(f"max_side must be at least 1, got {max_side}")
@@ -80,25 +80,6 @@ def fit_for_model(image: Image.Image, max_side: int = 2048) -> tuple[Image.Image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # reducing_gap lets PIL shrink by whole factors first: fast on 100-megapixel photos.
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), scale
-
-
-def upscale_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a mask to `size` = (width, height), the PIL image size convention.
-
-    mask: (h, w) bool -> (height, width) bool, smoothed (bilinear, then > 0.5) rather than
-    blocky; (h, w) float -> (height, width) float32, bilinear.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (h, w), got shape {mask.shape}")
-    width, height = size
-    if mask.shape == (height, width):
-        return mask.copy()
-    if mask.dtype == bool:
-        grey = Image.fromarray(mask.astype(np.uint8) * 255)
-        return np.asarray(grey.resize((width, height), Image.Resampling.BILINEAR)) > 127
-    values = Image.fromarray(mask.astype(np.float32))
-    return np.asarray(values.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:

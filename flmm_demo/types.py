@@ -56,16 +56,12 @@ class AnswerAttention:
     num_heads: int
     image_size: tuple[int, int]  # (width, height) of the original image
 
-    def phrase_maps(self, token_span: tuple[int, int], reduce: str = "mean") -> list[torch.Tensor]:
-        """Per view (L*H, rows, cols): the phrase's tokens combined channel by channel."""
+    def phrase_maps(self, token_span: tuple[int, int]) -> list[torch.Tensor]:
+        """Per view (L*H, rows, cols): the mean over the phrase's tokens, channel by channel."""
         start, end = token_span
         if not 0 <= start < end <= len(self.token_ids):
             raise ValueError(f"token span {token_span} is outside the answer's {len(self.token_ids)} tokens")
-        out = []
-        for m in self.maps:
-            sel = m[start:end]
-            out.append(sel.mean(0) if reduce == "mean" else sel.amax(0))
-        return out
+        return [m[start:end].mean(0) for m in self.maps]
 
     def phrase_hidden(self, token_span: tuple[int, int]) -> torch.Tensor:
         """(L, n_tokens, D) hidden states of the phrase tokens."""

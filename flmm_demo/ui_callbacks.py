@@ -23,7 +23,8 @@ from PIL import Image
 
 from flmm_demo import render
 from flmm_demo.grounder import Grounder, Mode, Session, VisualCoT, check_question
-from flmm_demo.images import ImageError, load_image, upscale_mask
+from flmm_demo.geometry import resize_mask
+from flmm_demo.images import ImageError, load_image
 from flmm_demo.presets import MissingWeightsError
 from flmm_demo.types import Turn
 from flmm_demo.ui_state import Item, ModelPool, SessionRegistry, UIState, highlighted, pictures, write_exports
@@ -259,7 +260,7 @@ class Callbacks:
         chat[-1]["content"] = cot.first_answer  # the conversation's turn; the crop answer is shown beside
         display = state.display
         if cot.object is not None:
-            shown_mask = upscale_mask(cot.object.mask, display.size)
+            shown_mask = resize_mask(cot.object.mask, display.size)
             obj_img = render.overlay(display, [shown_mask], [render.contrasting_color(display, shown_mask)], alpha)
             obj_text = f"**{cot.object.phrase.text}**"
         else:

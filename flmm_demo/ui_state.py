@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from flmm_demo import render
-from flmm_demo.grounder import Grounder, Session, box_of
-from flmm_demo.images import fit_for_model, upscale_mask
+from flmm_demo.geometry import mask_box, resize_map, resize_mask
+from flmm_demo.grounder import Grounder, Session
+from flmm_demo.images import fit_for_model
 from flmm_demo.presets import PRESETS
 from flmm_demo.types import GroundedPhrase
 
@@ -104,9 +104,9 @@ class UIState:
             unknown: tuple[str, ...] = ()) -> Item:
         """Keep a full-size grounded phrase as a display-size item with a contrasting colour."""
         size = self.display.size
-        mask = upscale_mask(grounded.mask, size)
-        shown = GroundedPhrase(grounded.phrase, mask, box_of(mask), grounded.score,
-                               upscale_mask(grounded.heatmap.astype(np.float32), size))
+        mask = resize_mask(grounded.mask, size)
+        shown = GroundedPhrase(grounded.phrase, mask, mask_box(mask), grounded.score,
+                               resize_map(grounded.heatmap, size))
         colour = render.contrasting_color(self.display, mask, [it.colour for it in self.items])
         item = Item(item_label(self.labels_made, grounded.phrase.text), colour, shown,
                     render.mask_to_rle(grounded.mask), grounded.box, in_answer, typed, unknown)

@@ -5,14 +5,9 @@ import json
 
 import pytest
 
-from flmm_demo.presets import (
-    PRESETS,
-    SAM_CHECKPOINTS,
-    MissingWeightsError,
-    default_preset_name,
-    doctor_report,
-    resolve_preset,
-)
+from flmm_demo.doctor import doctor_report
+from flmm_demo.heads.sam import SAM_CHECKPOINT_NAMES
+from flmm_demo.presets import PRESETS, MissingWeightsError, default_preset_name, resolve_preset
 
 
 @pytest.fixture
@@ -141,7 +136,7 @@ def test_missing_head_and_sam_say_which_file_goes_where(ckpt):
 
 def test_doctor_lists_every_preset_and_the_environment(ckpt):
     _model_folder(ckpt / "demo-shapes" / "lmm")
-    (ckpt / SAM_CHECKPOINTS["vit_b"]).write_bytes(b"sam")
+    (ckpt / SAM_CHECKPOINT_NAMES["vit_b"]).write_bytes(b"sam")
     report = doctor_report()
     rows = {line.split()[0]: line for line in report.splitlines() if line.split() and line.split()[0] in PRESETS}
     assert set(rows) == set(PRESETS)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -48,49 +47,55 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
 from flmm_demo.backends import Backend, load_backend
+from flmm_demo.backends.dtypes import DTYPES, LMM_DTYPES, lmm_dtype
 from flmm_demo.heads.flmm_head import FlmmHead, FlmmHeadConfig, pick_full_view
+from flmm_demo.heads.losses import bce_dice_loss
 from flmm_demo.heads.sam import SAM_CHECKPOINT_NAMES, SamImageEmbedding, SamImageEncoderCache, build_sam_model
 from flmm_demo.heads.unet import crop_to_image
 from flmm_demo.images import load_image
 from flmm_demo.phrases import phrases_from_spans
 from flmm_demo.presets import resolve_preset
-from flmm_demo.refer import ReferDataset, ReferImage, open_refer
+from flmm_demo.training import flag
+from flmm_demo.training.refer import ReferDataset, ReferImage, open_refer
 
 SEPARATOR = ". "
 CHECKPOINTS_DIR = "checkpoints"
 HEAD_DIR = "head"
 STATE_FILE = "trainer_state.json"
-LMM_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on (the CLI flags, typed)."""
+    """Everything a training run depends on; also the `train` command's flags."""
 
-    model: str
-    data: Path
-    out: Path
-    images: Path | None = None
-    split: str = "train"
-    split_by: str | None = None
-    cache: Path | None = None
-    sam: Path | None = None
-    sam_variant: str = "vit_l"
-    epochs: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    warmup: float = 0.03
-    checkpoint_every: int = 500
-    log_every: int = 10
-    max_steps: int | None = None
-    resume: bool = False
-    seed: int = 0
-    mixed_precision: str = "no"
-    lmm_dtype: str = "auto"
-    head_dtype: str = "float32"
+    model: str = flag("preset name, model folder or Hugging Face id (stays frozen)")
+    data: Path = flag("dataset folder (refer layout or expressions.json)")
+    out: Path = flag("run folder: head/, checkpoints/, train_log.jsonl")
+    images: Path | None = flag("image folder, e.g. coco/train2014 (default: <data>/images)", None)
+    split: str = flag("dataset split to train on", "train")
+    split_by: str | None = flag("refs(<split-by>).p to read: unc, umd or google (default: first present)", None)
+    cache: Path | None = flag("cache of frozen-model outputs (default: <out>/cache)", None)
+    sam: Path | None = flag("original SAM checkpoint: also train F-LMM's SAM refiner", None)
+    sam_variant: str = flag("SAM size of --sam", "vit_l", choices=sorted(SAM_CHECKPOINT_NAMES))
+    epochs: int = flag("passes over the images", 8)
+    lr: float = flag("AdamW peak learning rate", 1e-4)
+    weight_decay: float = flag("AdamW weight decay", 0.01)
+    grad_clip: float = flag("gradient norm clipping", 1.0)
+    warmup: float = flag("fraction of the steps spent warming up", 0.03)
+    checkpoint_every: int = flag("steps between resumable checkpoints", 500)
+    log_every: int = flag("steps between loss lines", 10)
+    max_steps: int | None = flag("stop after this many steps (the schedule still spans --epochs)", None)
+    resume: bool = flag("continue from the latest checkpoint in --out", False)
+    seed: int = flag("seed of the image order", 0)
+    mixed_precision: str = flag("for the head", "no", choices=["no", "bf16", "fp16"])
+    lmm_dtype: str = flag("weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)", "auto",
+                          choices=LMM_DTYPES)
+    head_dtype: str = flag("precision of the saved head weights (float16: half the file size)", "float32",
+                           choices=sorted(DTYPES))
 
     @property
     def cache_dir(self) -> Path:
@@ -152,7 +157,7 @@ def compute_phrase_features(
     for phrase in phrases:
         grid_map, view = pick_full_view(attention.phrase_maps(phrase.token_span), attention.views, attention.image_size)
         maps.append(grid_map.float())
-    # clone(): the backend returns inference-mode tensors, which autograd may not save.
+    # clone(): each phrase's slice would otherwise keep the whole answer's hidden states alive.
     hidden = [attention.phrase_hidden(p.token_span).float().clone() for p in phrases] if with_hidden else []
     return PhraseFeatures(torch.stack(maps), hidden, tuple(view.box), tuple(attention.image_size))
 
@@ -239,26 +244,6 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 # ------------------------------------------------------------------ loss and model
 
 
-def bce_dice_per_mask(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Sigmoid BCE (mean over pixels) + Dice (eps 1) of each mask: (K, h, w) -> (K,).
-
-    logits, target: (K, h, w); target in {0, 1}.
-    """
-    logits, target = logits.flatten(1).float(), target.flatten(1).float()
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
-    probs = logits.sigmoid()
-    dice = 1 - (2 * (probs * target).sum(1) + eps) / (probs.sum(1) + target.sum(1) + eps)
-    return bce + dice
-
-
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Sigmoid BCE + Dice (eps 1), averaged over the K masks (F-LMM's mask loss).
-
-    logits, target: (K, h, w); target in {0, 1}.
-    """
-    return bce_dice_per_mask(logits, target, eps).mean()
-
-
 class HeadTrainingForward(nn.Module):
     """The head's training forward as one module, so DDP sees every parameter it uses."""
 
@@ -301,24 +286,19 @@ def image_loss(
     return loss
 
 
-def lmm_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU and float32 on a CPU; else float32, bfloat16 or float16."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def warmup_steps(total_steps: int, warmup_fraction: float) -> int:
+    """Steps of linear warm-up: warmup_fraction of the run, at least one."""
+    return max(1, round(warmup_fraction * total_steps))
 
 
-def cosine_with_warmup(total_steps: int, warmup_fraction: float):
-    """LR multiplier: linear warm-up over warmup_fraction of the steps, then cosine to 0."""
-    warmup = max(1, round(warmup_fraction * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> LambdaLR:
+    """Linear warm-up then cosine to 0 (transformers' schedule), started one step in: its
+    step 0 has learning rate 0, so the first update would learn nothing. Step k then runs
+    at lr * (k + 1) / warmup during the warm-up."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # what LambdaLR needs to start past step 0
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps, warmup_fraction), total_steps,
+                                           last_epoch=0)
 
 
 # ------------------------------------------------------------------ training loop
@@ -401,7 +381,7 @@ def train(config: TrainConfig, backend: Backend | None = None) -> TrainResult:
     optimizer = torch.optim.AdamW(
         [p for p in forward.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, config.warmup))
+    scheduler = cosine_schedule(optimizer, total_steps, config.warmup)
     forward, optimizer = accelerator.prepare(forward, optimizer)
     # The schedule counts this process's steps, so it is stepped by hand, not by accelerate.
     accelerator.register_for_checkpointing(scheduler)
@@ -436,6 +416,7 @@ def train(config: TrainConfig, backend: Backend | None = None) -> TrainResult:
                 loss = image_loss(forward, features, masks, embedding, device)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(forward.parameters(), config.grad_clip)
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
@@ -443,7 +424,7 @@ def train(config: TrainConfig, backend: Backend | None = None) -> TrainResult:
             losses.append(loss.item())
             if step % config.log_every == 0 and accelerator.is_main_process:
                 window = losses[-config.log_every :]
-                _log({"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}, log_path)
+                _log({"step": step, "epoch": epoch, "loss": sum(window) / len(window), "lr": lr}, log_path)
             if step % config.checkpoint_every == 0 or step == last_step:
                 _save_checkpoint(accelerator, config.out, step, epoch)
             if step >= last_step:
@@ -463,7 +444,7 @@ def store_weights_as(head_dir: Path, dtype: str) -> None:
     """Rewrite the saved head's floating-point weights in `dtype` ("float16" halves the file;
     FlmmHead.from_pretrained then loads them in that precision)."""
     path = head_dir / "model.safetensors"
-    target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    target = DTYPES[dtype]
     tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata={"format": "pt"})
 
@@ -471,56 +452,12 @@ def store_weights_as(head_dir: Path, dtype: str) -> None:
 # ------------------------------------------------------------------ command line
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `train` subcommand's flags."""
-    parser.add_argument("--model", required=True, help="preset name, model folder or Hugging Face id (stays frozen)")
-    parser.add_argument("--data", required=True, type=Path, help="dataset folder (refer layout or expressions.json)")
-    parser.add_argument("--images", type=Path, help="image folder, e.g. coco/train2014 (default: <data>/images)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--split-by", help="refs(<split-by>).p to read: unc, umd or google (default: first present)")
-    parser.add_argument("--out", required=True, type=Path, help="run folder: head/, checkpoints/, train_log.jsonl")
-    parser.add_argument("--cache", type=Path, help="cache of frozen-model outputs (default: <out>/cache)")
-    parser.add_argument("--sam", type=Path, help="original SAM checkpoint: also train F-LMM's SAM refiner")
-    parser.add_argument("--sam-variant", default="vit_l", choices=sorted(SAM_CHECKPOINT_NAMES))
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--warmup", type=float, default=0.03, help="fraction of the steps spent warming up")
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between resumable checkpoints")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule still spans --epochs)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="for the head")
-    parser.add_argument("--lmm-dtype", default="auto", choices=LMM_DTYPES,
-                        help="weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)")
-    parser.add_argument("--head-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="precision of the saved head weights (float16: half the file size)")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig that parsed `train` flags describe."""
-    return TrainConfig(
-        model=args.model, data=args.data, out=args.out, images=args.images, split=args.split,
-        split_by=args.split_by, cache=args.cache, sam=args.sam, sam_variant=args.sam_variant,
-        epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        warmup=args.warmup, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        max_steps=args.max_steps, resume=args.resume, seed=args.seed, mixed_precision=args.mixed_precision,
-        lmm_dtype=args.lmm_dtype, head_dtype=args.head_dtype,
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `train` from parsed arguments; returns the exit status."""
-    train(config_from_args(args))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flmm_demo train", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser = HfArgumentParser(TrainConfig, prog="python -m flmm_demo train", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.HelpFormatter)
+    (config,) = parser.parse_args_into_dataclasses(argv)
+    train(config)
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from flmm_demo.refer import PROTOCOL_LABELS
+from flmm_demo.training.refer import PROTOCOL_LABELS
 
 
 def intersection_union(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> tuple[int, int]:
@@ -50,10 +50,7 @@ class SegmentationScores:
 
 
 class IoUAccumulator:
-    """Collects per-expression intersections and unions; `scores()` gives cIoU and gIoU.
-
-    Accumulators from several processes combine with `merge` (sums are exact).
-    """
+    """Collects per-expression intersections and unions; `scores()` gives cIoU and gIoU."""
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
@@ -71,15 +68,6 @@ class IoUAccumulator:
         self.iou_sum += iou
         self.n += 1
         return iou
-
-    def merge(self, other: IoUAccumulator) -> None:
-        """Add another accumulator's counts (e.g. from another GPU) to this one."""
-        if other.protocol != self.protocol:
-            raise ValueError(f"cannot merge scores of protocol {other.protocol!r} into {self.protocol!r}")
-        self.intersection += other.intersection
-        self.union += other.union
-        self.iou_sum += other.iou_sum
-        self.n += other.n
 
     def scores(self) -> SegmentationScores:
         if self.n == 0:

@@ -18,33 +18,42 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import HfArgumentParser
 
 from flmm_demo.backends import load_backend
+from flmm_demo.backends.dtypes import LMM_DTYPES, lmm_dtype
 from flmm_demo.grounder import Grounder
 from flmm_demo.heads import load_head, load_sam
-from flmm_demo.metrics import IoUAccumulator, SegmentationScores, format_table
+from flmm_demo.training import flag
+from flmm_demo.training.metrics import IoUAccumulator, SegmentationScores, format_table
 from flmm_demo.presets import resolve_preset
-from flmm_demo.refer import PROTOCOLS, open_refer
-from flmm_demo.train import LMM_DTYPES, lmm_dtype
+from flmm_demo.training.refer import PROTOCOLS, Protocol, open_refer
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation run. head=None with training_free=False uses the preset's head."""
+    """One evaluation run; also the `eval` command's flags. head=None with
+    training_free=False uses the preset's head."""
 
-    model: str
-    data: Path
-    split: str = "val"
-    protocol: str = "first"
-    images: Path | None = None
-    split_by: str | None = None
-    head: Path | None = None
-    training_free: bool = False
-    sam: Path | None = None
-    refine: bool = True
-    limit: int | None = None
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    lmm_dtype: str = "auto"
+    model: str = flag("preset name, model folder or Hugging Face id")
+    data: Path = flag("dataset folder (refer layout or expressions.json)")
+    split: str = flag("dataset split to score", "val")
+    protocol: Protocol = flag(
+        "every: every sentence of every object (LISA/GLaMM); first: first sentence per object (F-LMM)", "first")
+    images: Path | None = flag("image folder, e.g. coco/train2014 (default: <data>/images)", None)
+    split_by: str | None = flag("refs(<split-by>).p to read: unc, umd or google (default: first present)", None)
+    head: Path | None = flag("head folder written by `train` (or an official F-LMM .pth)", None)
+    training_free: bool = flag("ground with the attention alone, no trained head", False)
+    sam: Path | None = flag("SAM checkpoint for the refiner (default: the preset's, if present)", None)
+    refine: bool = flag("refine with SAM (--no-refine: do not use SAM)", True)
+    limit: int | None = flag("score only the first N objects", None)
+    device: str = flag("torch device", "cuda" if torch.cuda.is_available() else "cpu")
+    lmm_dtype: str = flag("weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)", "auto",
+                          choices=LMM_DTYPES)
+
+    def __post_init__(self) -> None:
+        if self.head is not None and self.training_free:
+            raise ValueError("--head and --training-free exclude each other: pass one of them")
 
 
 @dataclass(frozen=True)
@@ -117,38 +126,13 @@ def evaluate(config: EvalConfig, grounder: Grounder | None = None, mode: str | N
     return EvalResult(dataset.name, config.split, mode, refine, accumulator.scores(), per_expression)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `eval` subcommand's flags."""
-    parser.add_argument("--model", required=True, help="preset name, model folder or Hugging Face id")
-    what = parser.add_mutually_exclusive_group()
-    what.add_argument("--head", type=Path, help="head folder written by `train` (or an official F-LMM .pth)")
-    what.add_argument("--training-free", action="store_true", help="ground with the attention alone, no trained head")
-    parser.add_argument("--data", required=True, type=Path, help="dataset folder (refer layout or expressions.json)")
-    parser.add_argument("--images", type=Path, help="image folder, e.g. coco/train2014 (default: <data>/images)")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--split-by", help="refs(<split-by>).p to read: unc, umd or google (default: first present)")
-    parser.add_argument("--protocol", default="first", choices=PROTOCOLS,
-                        help="every: every sentence of every object (LISA/GLaMM); first: first sentence per object (F-LMM)")
-    parser.add_argument("--sam", type=Path, help="SAM checkpoint for the refiner (default: the preset's, if present)")
-    parser.add_argument("--no-refine", action="store_true", help="do not use SAM")
-    parser.add_argument("--limit", type=int, help="score only the first N objects")
-    parser.add_argument("--device", default=EvalConfig.device)
-    parser.add_argument("--lmm-dtype", default="auto", choices=LMM_DTYPES,
-                        help="weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)")
-    parser.add_argument("--json", type=Path, help="where to write the results (default: outputs/eval/<dataset>-<split>-<protocol>.json)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `eval` from parsed arguments: print the table, write the JSON; returns the exit status."""
-    config = EvalConfig(
-        model=args.model, data=args.data, split=args.split, protocol=args.protocol, images=args.images,
-        split_by=args.split_by, head=args.head, training_free=args.training_free, sam=args.sam,
-        refine=not args.no_refine, limit=args.limit, device=args.device, lmm_dtype=args.lmm_dtype,
-    )
+def run(config: EvalConfig, json_path: Path | None = None) -> int:
+    """Run `eval`: print the table, write the JSON (default: outputs/eval/<dataset>-<split>-<protocol>.json);
+    returns the exit status."""
     result = evaluate(config)
     name = f"{result.dataset} {result.split} ({result.mode}{', SAM' if result.refined else ''})"
     print(format_table([(name, result.scores)]))
-    path = args.json or Path("outputs/eval") / f"{Path(config.data).name}-{config.split}-{config.protocol}.json"
+    path = json_path or Path("outputs/eval") / f"{Path(config.data).name}-{config.split}-{config.protocol}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, **result.as_dict()}
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -157,9 +141,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flmm_demo eval", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser = HfArgumentParser(EvalConfig, prog="python -m flmm_demo eval", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.HelpFormatter)
+    # The one flag that is not part of the run's configuration.
+    parser.add_argument("--json", type=Path,
+                        help="where to write the results (default: outputs/eval/<dataset>-<split>-<protocol>.json)")
+    try:
+        config, rest = parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:
+        parser.error(str(error))
+    return run(config, rest.json)
 
 
 if __name__ == "__main__":
