@@ -307,3 +307,32 @@ def test_an_answer_for_a_replaced_image_is_dropped_not_shown_over_the_new_conver
     assert page.shown("status").startswith("New conversation")
     assert list(events) == []  # the old answer and its masks are not shown
     assert page.values[page.state].items == [] and page.values[page.state].session.history == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concurrency", "0"], "argument --concurrency: must be a whole number from 1 to 64, got '0'"),
+    (["--concurrency", "-1"], "argument --concurrency: must be a whole number from 1 to 64, got '-1'"),
+    (["--max-file-size", "bogus"], "argument --max-file-size: must be a size such as 20mb, 500kb or 1gb"),
+    (["--max-file-size", "0kb"], "argument --max-file-size: must be from 1kb to 2gb, got '0kb'"),
+    (["--port", "70000"], "argument --port: must be a whole number from 1 to 65535, got '70000'"),
+    (["--session-ttl", "5"], "argument --session-ttl: must be a number of seconds from 10 to 604800"),
+    (["--max-sessions", "0"], "argument --max-sessions: must be a whole number from 1 to 10000, got '0'"),
+    (["--device", "gpu"], "argument --device: must be a torch device such as cpu, cuda or cuda:1; got 'gpu'"),
+    (["--host", "http://0.0.0.0"], "argument --host: must be an address such as 127.0.0.1 or 0.0.0.0"),
+])
+def test_every_server_option_is_checked_at_start_up(argv, message, capsys):
+    import app
+
+    with pytest.raises(SystemExit) as exit_info:
+        app.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_good_server_options_are_parsed_into_values():
+    import math
+
+    import app
+
+    args = app.parse_args(["--max-file-size", "5MB", "--session-ttl", "0", "--concurrency", "4", "--port", "8080"])
+    assert (args.max_file_size, args.session_ttl, args.concurrency, args.port) == (5_000_000, math.inf, 4, 8080)
+    assert app.parse_args([]).max_file_size == 20_000_000
