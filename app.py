@@ -9,17 +9,18 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 
 # A local demo sends nothing anywhere unless asked to (--share).
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import torch
-
+from flmm_demo.devices import add_load_arguments, load_options
 from flmm_demo.grounder import Grounder
 from flmm_demo.phrases import SpacyModelMissing, load_spacy
 from flmm_demo.presets import MissingWeightsError
@@ -70,20 +71,6 @@ def session_ttl(text: str) -> float:
     return value
 
 
-def device(text: str) -> str:
-    """argparse type: a torch device this machine has."""
-    try:
-        parsed = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu, cuda or cuda:1; got {text!r}")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r} was asked for but this machine has no CUDA GPU; use cpu")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(
-            f"{text!r} was asked for but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return text
-
-
 def host(text: str) -> str:
     """argparse type: a bind address or host name (no scheme, no port)."""
     if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", text) or "//" in text:
@@ -107,7 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="F-LMM demo: chat with an image and see each phrase as a mask.")
     parser.add_argument("--preset", default=None,
                         help="model preset, hub id or model folder (default: $FLMM_PRESET or demo-shapes)")
-    parser.add_argument("--device", type=device, default="cpu", help="torch device for the model, e.g. cpu or cuda")
     parser.add_argument("--host", type=host, default=None,
                         help="address to bind (default 127.0.0.1; 0.0.0.0 for the LAN)")
     parser.add_argument("--port", type=int_in(1, 65535), default=7860, help="port, 1 to 65535 (default 7860)")
@@ -122,21 +108,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-sessions", type=int_in(1, 10_000), default=DEFAULT_MAX_SESSIONS,
                         help="sessions held at once; newcomers beyond it are asked to come back later, "
                              f"1 to 10000 (default {DEFAULT_MAX_SESSIONS})")
+    add_load_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     big_buffers_outside_the_heap()
+    # Presets chosen later in Settings load on the same device, dtype and quantization.
+    loader = functools.partial(Grounder.from_preset, **asdict(load_options(args)))
     try:
-        grounder = Grounder.from_preset(args.preset, device=args.device)
+        grounder = loader(args.preset)
     except (MissingWeightsError, ValueError) as err:
         sys.exit(f"Cannot start the demo: {err}")
     try:  # loaded once per process anyway: now, so the first visitor does not wait for it
         load_spacy()
     except SpacyModelMissing as err:
         print(f"Warning: answers will not be grounded: {err}", file=sys.stderr)
-    demo = build_demo(grounder, session_ttl_s=args.session_ttl, max_sessions=args.max_sessions)
+    demo = build_demo(grounder, loader=loader, session_ttl_s=args.session_ttl, max_sessions=args.max_sessions)
     host_name = args.host or "127.0.0.1"  # --share tunnels to the local port; no need to open the LAN
     demo.queue(default_concurrency_limit=args.concurrency, max_size=32).launch(
         server_name=host_name,

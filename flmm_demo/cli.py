@@ -1,6 +1,7 @@
-"""Command line: `python -m flmm_demo {doctor,ground,train,eval}`.
+"""Command line: `python -m flmm_demo {doctor,download,ground,train,eval}`.
 
     python -m flmm_demo doctor
+    python -m flmm_demo download llava-1.5-7b        # or --all-missing
     python -m flmm_demo ground photo.jpg more/*.png --question "What is in the image?" --out results/
     python -m flmm_demo ground scene.png --expression "the red circle" --out results/
 """
@@ -9,21 +10,29 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
 
+from flmm_demo import download
+from flmm_demo.devices import add_load_arguments, load_options
 from flmm_demo.doctor import doctor_report
 from flmm_demo.grounder import MODES, Grounder
 from flmm_demo.images import ImageError
+from flmm_demo.presets import MissingWeightsError
 from flmm_demo.render import export_coco_json, hex_colors, mask_file_name, mask_to_rle, overlay, palette
 from flmm_demo.training import evaluate, train
 
 
 def ground_images(args: argparse.Namespace) -> int:
     """Ground each image; a bad file is reported and skipped, the rest go on."""
-    grounder = Grounder.from_preset(args.model)
+    try:
+        grounder = Grounder.from_preset(args.model, **asdict(load_options(args)))
+    except (MissingWeightsError, ValueError) as error:
+        print(f"Cannot load the model: {error}", file=sys.stderr)
+        return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -90,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ground.add_argument("--mode", default="auto", choices=MODES)
     ground.add_argument("--no-refine", action="store_true", help="skip the SAM refiner")
     ground.add_argument("--max-new-tokens", type=int, default=128)
-
+    add_load_arguments(ground)
+    download.add_arguments(sub.add_parser("download", help="fetch a preset's LMM, F-LMM head and SAM checkpoint"))
     # Their flags are their config dataclasses (TrainConfig, EvalConfig), parsed by their own main.
     sub.add_parser("train", help="train an F-LMM head on a frozen LMM", add_help=False)
     sub.add_parser("eval", help="referring segmentation cIoU / gIoU", add_help=False)
@@ -105,4 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         print(doctor_report())
         return 0
+    if args.command == "download":
+        return download.run(args)
     return ground_images(args)

@@ -58,6 +58,7 @@ def doctor_report() -> str:
         "",
     ]
     lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
+    lines.append("(fetch a preset's missing pieces: python -m flmm_demo download PRESET, or --all-missing)")
     lines.append("")
     released = [(kind, file) for kind, file in SAM_CHECKPOINT_NAMES.items() if kind != "vit_tiny"]
     for kind, file in (*released, ("vit_tiny (demo world)", DEMO_SAM)):

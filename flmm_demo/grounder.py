@@ -29,12 +29,13 @@ import torch
 from PIL import Image
 
 from .backends import Backend, load_backend
+from .devices import LoadOptions
 from .geometry import mask_box, resize_map, resize_mask, views_to_image
 from .heads import FlmmHead, SamImageEncoderCache, load_head, load_sam
 from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
 from .images import fit_for_model, load_image
 from .phrases import extract_phrases, phrases_from_spans
-from .presets import resolve_preset
+from .presets import require_weights
 from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
 
 MAX_QUESTION_CHARS = 2000
@@ -123,11 +124,24 @@ class Grounder:
         self._session: Session | None = None
 
     @classmethod
-    def from_preset(cls, name: str | None = None, *, device: str = "cpu") -> "Grounder":
-        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo."""
-        resolved = resolve_preset(name)
-        backend = load_backend(str(resolved.model_path), device=device)
-        head = load_head(resolved.head_path, backend) if resolved.head_path else None
+    def from_preset(
+        cls, name: str | None = None, *, device: str = "auto", dtype: str | None = None,
+        quantize: str | None = None, offload: bool = False,
+    ) -> "Grounder":
+        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo.
+
+        A preset missing any piece (LMM, F-LMM head, SAM) raises MissingWeightsError at once,
+        before any network call, naming them all and the `download` command. device / dtype /
+        quantize / offload: see flmm_demo.devices.LoadOptions (default: the GPU if any, bf16 there).
+        """
+        resolved = require_weights(name)
+        if resolved.is_demo and dtype is None:
+            dtype = "fp32"  # the bundled 1.8M-parameter model gains nothing from bf16, and was trained in fp32
+        options = LoadOptions(device=device, dtype=dtype, quantize=quantize, offload=offload)
+        kwargs = options.from_pretrained_kwargs()
+        backend = load_backend(str(resolved.model_path), **kwargs)
+        device = kwargs["device"]
+        head = load_head(resolved.head_path, backend, device=device) if resolved.head_path else None
         sam = load_sam(resolved.sam_path, device=device) if resolved.sam_path else None
         info = ModelInfo(
             name=resolved.name, family=backend.family, description=resolved.description,
@@ -208,10 +222,10 @@ class Grounder:
             whole = phrase.token_span == (0, len(attention.token_ids))
             heat_views = [attention_heatmap(m, baseline=None if whole else b, num_heads=attention.num_heads)
                           for m, b in zip(maps, baselines)]
-            heat = views_to_image([h[None] for h in heat_views], attention.views, (width, height))[0]
+            heat = views_to_image([h[None].cpu() for h in heat_views], attention.views, (width, height))[0]
             heat = heat / heat.max().clamp(min=1e-12)
             if head_outputs is not None:
-                logits = head_outputs[i].mask_logits
+                logits = head_outputs[i].mask_logits.float().cpu()  # the head may run on the GPU
                 mask = (logits > 0).numpy()
                 score = float(torch.sigmoid(logits[logits > 0]).mean()) if mask.any() else 0.0
             else:
@@ -330,10 +344,15 @@ class Session:
             question, history = (self.history[-1].user, self.history[:-1]) if self.history else ("", [])
         if not answer.strip():
             return []
+        backend = self.grounder.backend
         with self.grounder.lock:
-            attention = self.grounder.backend.attend(self.model_image, history, question, answer, template="chat")
-            phrases = (phrases_from_spans(answer, list(spans), attention.token_spans) if spans is not None
-                       else extract_phrases(answer, attention.token_spans))
+            token_spans = backend.answer_token_spans(self.model_image, history, question, answer, template="chat")
+            phrases = (phrases_from_spans(answer, list(spans), token_spans) if spans is not None
+                       else extract_phrases(answer, token_spans))
+            if not phrases:
+                return []
+            attention = backend.attend(self.model_image, history, question, answer, template="chat",
+                                       spans=grounding_spans(phrases, len(token_spans)))
             grounded = self.grounder.segment(attention, phrases, mode=mode, refine=refine,
                                              sam_embedding=self._sam_embedding(refine))
         return [self._full_size(g) for g in grounded]
@@ -341,9 +360,12 @@ class Session:
     def ground_expression(self, expression: str, *, mode: Mode = "auto", refine: bool = True) -> GroundedPhrase:
         """Mask of a typed referring expression, teacher-forced as F-LMM evaluates."""
         expression = check_question(expression)
+        backend = self.grounder.backend
         with self.grounder.lock:
-            attention = self.grounder.backend.attend(self.model_image, [], "", expression, template="flmm")
-            phrase = Phrase(expression, (0, len(expression)), (0, len(attention.token_ids)))
+            count = len(backend.answer_token_spans(self.model_image, [], "", expression, template="flmm"))
+            phrase = Phrase(expression, (0, len(expression)), (0, count))
+            attention = backend.attend(self.model_image, [], "", expression, template="flmm",
+                                       spans=grounding_spans([phrase], count))
             (grounded,) = self.grounder.segment(attention, [phrase], mode=mode, refine=refine,
                                                 sam_embedding=self._sam_embedding(refine))
         return self._full_size(grounded)
@@ -374,13 +396,15 @@ class Session:
             probe = f"{question} {VCOT_HINT}"
             lead = backend.chat(self.model_image, self.history, probe, max_new_tokens=32,
                                 answer_start=VCOT_LEAD).strip()
-            attention = backend.attend(self.model_image, self.history, probe, lead, template="chat",
-                                       answer_start=VCOT_LEAD)
-            phrases = extract_phrases(lead, attention.token_spans)
+            token_spans = backend.answer_token_spans(self.model_image, self.history, probe, lead,
+                                                     template="chat", answer_start=VCOT_LEAD)
+            phrases = extract_phrases(lead, token_spans)
             if phrases:  # ground the generated object words together (mean over their tokens)
                 span = (phrases[0].token_span[0], phrases[-1].token_span[1])
                 obj_phrase = Phrase(lead[phrases[0].char_span[0]:phrases[-1].char_span[1]],
                                     (phrases[0].char_span[0], phrases[-1].char_span[1]), span)
+                attention = backend.attend(self.model_image, self.history, probe, lead, template="chat",
+                                           answer_start=VCOT_LEAD, spans=grounding_spans([obj_phrase], len(token_spans)))
                 (obj,) = self.grounder.segment(attention, [obj_phrase], mode=mode, refine=refine,
                                                sam_embedding=self._sam_embedding(refine))
                 obj = self._full_size(obj)
@@ -419,6 +443,12 @@ def find_spans(answer: str, words: str) -> list[tuple[int, int]]:
     pattern = (r"\b" if re.match(r"\w", words) else "") + pattern + (r"\b" if re.search(r"\w$", words) else "")
     return [(m.start(), m.end()) for m in re.finditer(pattern, answer, flags=re.IGNORECASE)]
 
+def grounding_spans(phrases: Sequence[Phrase], num_tokens: int) -> list[tuple[int, int]]:
+    """The answer-token spans grounding reads: each phrase's, then the whole answer (the
+    training-free baseline). Attending with only these keeps P maps instead of T."""
+    spans = list(dict.fromkeys(p.token_span for p in phrases))
+    whole = (0, num_tokens)
+    return spans if whole in spans else spans + [whole]
 
 
 def enlarge_box(box: tuple[int, int, int, int] | None, image_size: tuple[int, int],

@@ -7,15 +7,18 @@ checkpoint its refiner uses. `resolve_preset` finds the weights without download
 1. a folder given directly (any path with a config.json);
 2. checkpoints/<local_dir>/ (checkpoints/ can be moved with FLMM_CHECKPOINTS);
 3. the Hugging Face cache, read offline;
-4. the hub id itself, for transformers to download on first use — only when downloads
-   are allowed, i.e. neither HF_HUB_OFFLINE nor TRANSFORMERS_OFFLINE is set to a true value.
+4. for a hub id that is not a preset, the id itself, for transformers to download on
+   first use — only when downloads are allowed, i.e. neither HF_HUB_OFFLINE nor
+   TRANSFORMERS_OFFLINE is set to a true value.
 
-Otherwise it raises MissingWeightsError saying what is missing, where it looked and the
-command that fetches it. F-LMM heads and SAM checkpoints are single files directly in
+A preset is never fetched on load: a preset whose LMM is not on this machine raises
+MissingWeightsError at once (online or offline), naming every missing piece, where it
+looked, and the one command that fetches them (`python -m flmm_demo download NAME`,
+flmm_demo/download.py). F-LMM heads and SAM checkpoints are single files directly in
 checkpoints/ (the bundled demo model keeps its LMM and head in checkpoints/demo-shapes/
-lmm/ and head/); a missing head
-is not an error at resolve time (the training-free path still works), see
-`ResolvedModel.require_head`.
+lmm/ and head/). A missing head or SAM is not an error at resolve time (the training-free
+path still works); `missing_pieces` lists them and `require_weights` (used by
+`Grounder.from_preset`) refuses a preset that lacks any of them.
 """
 from __future__ import annotations
 
@@ -43,11 +46,22 @@ class MissingWeightsError(FileNotFoundError):
 
 
 @dataclass(frozen=True)
+class MissingPiece:
+    """One weight file or folder a preset needs and this machine lacks.
+
+    what: "LMM", "F-LMM head" or "SAM vit_l" (...). where: where it was looked for.
+    """
+
+    what: str
+    where: str
+
+
+@dataclass(frozen=True)
 class Preset:
     """One supported model.
 
     family: the backend that drives it ("llava", "llava_next", "deepseek_vl",
-        "qwen2_vl", "qwen2_5_vl", "smolvlm").
+        "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm").
     hub_id: Hugging Face id of the LMM, None for a model that only exists locally.
     local_dir: folder under checkpoints/ holding a copy of the LMM.
     flmm_head: path under checkpoints/ of the F-LMM head for this LMM: an official .pth
@@ -136,6 +150,16 @@ PRESETS: dict[str, Preset] = {
             hub_id="Qwen/Qwen2.5-VL-3B-Instruct",
             local_dir="Qwen2.5-VL-3B-Instruct",
             description="Qwen2.5-VL 3B Instruct; no F-LMM head released, training-free grounding.",
+        ),
+        *(
+            Preset(
+                name=f"qwen3-vl-{size.lower()}",
+                family="qwen3_vl",
+                hub_id=f"Qwen/Qwen3-VL-{size}-Instruct",
+                local_dir=f"Qwen3-VL-{size}-Instruct",
+                description=f"Qwen3-VL {size} Instruct; no F-LMM head released, training-free grounding.",
+            )
+            for size in ("2B", "4B", "8B")
         ),
         Preset(
             name="qwen2-vl-2b",
@@ -243,6 +267,62 @@ def sam_checkpoint(name: str = SAM_CHECKPOINT_NAMES["vit_l"]) -> Path | None:
     return path if path.is_file() else None
 
 
+def download_command(name: str) -> str:
+    """The one command that fetches every missing piece of a preset."""
+    return f"python -m flmm_demo download {name}"
+
+
+def missing_pieces(preset: Preset | str) -> list[MissingPiece]:
+    """Every weight `preset` needs that is not on this machine (LMM, F-LMM head, SAM).
+
+    Looks only at local files (checkpoints/ and the Hugging Face cache): no network call.
+    """
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    ckpt = checkpoints_dir()
+    missing = []
+    local = ckpt / preset.local_dir
+    if not _complete(local) and (preset.hub_id is None or _cached_snapshot(preset.hub_id) is None):
+        where = f"{local}/ ({_why_not(local)})"
+        if preset.hub_id is not None:
+            where += f" and the Hugging Face cache {_hf_cache_dir()} (no complete snapshot)"
+        missing.append(MissingPiece(f"LMM {preset.hub_id or preset.local_dir}", where))
+    if preset.flmm_head is not None and not head_present(ckpt / preset.flmm_head):
+        missing.append(MissingPiece("F-LMM head", str(ckpt / preset.flmm_head)))
+    if preset.sam is not None and sam_checkpoint(preset.sam) is None:
+        kind = next((k for k, f in SAM_CHECKPOINT_NAMES.items() if f == Path(preset.sam).name), "")
+        missing.append(MissingPiece(f"SAM {kind}", str(ckpt / preset.sam)))
+    return missing
+
+
+def missing_message(preset: Preset, missing: list[MissingPiece]) -> str:
+    """One message for all the missing pieces: what, where it looked, the command that fetches them."""
+    lines = [f"Preset {preset.name!r} cannot load: {len(missing)} piece(s) missing."]
+    lines += [f"  - {piece.what}: looked in {piece.where}" for piece in missing]
+    if preset.how_to_get:
+        lines.append(preset.how_to_get)
+        return "\n".join(lines)
+    lines += ["Fetch them with:", f"  {download_command(preset.name)}"]
+    if not downloads_allowed():
+        lines.append(
+            "(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set: run it where there is internet, with those "
+            "unset, and copy checkpoints/ and the Hugging Face cache over.)"
+        )
+    return "\n".join(lines)
+
+
+def require_weights(name_or_path: str | Path | None = None) -> ResolvedModel:
+    """`resolve_preset`, then, for a preset, MissingWeightsError naming every missing piece."""
+    resolved = resolve_preset(name_or_path)
+    if resolved.preset is not None:
+        missing = missing_pieces(resolved.preset)
+        if missing:
+            raise MissingWeightsError(missing_message(resolved.preset, missing))
+    return resolved
+
+
 def resolve_preset(name_or_path: str | Path | None = None) -> ResolvedModel:
     """Find the weights of a preset, a hub id or a local model folder, never downloading.
 
@@ -273,32 +353,14 @@ def resolve_preset(name_or_path: str | Path | None = None) -> ResolvedModel:
 
 
 def _resolve(preset: Preset) -> ResolvedModel:
-    ckpt = checkpoints_dir()
-    local = ckpt / preset.local_dir
-    looked = [f"{local}/ ({_why_not(local)})"]
+    local = checkpoints_dir() / preset.local_dir
     if _complete(local):
         return _resolved(preset, str(local), "checkpoints")
     if preset.hub_id is not None:
         snapshot = _cached_snapshot(preset.hub_id)
         if snapshot is not None:
             return _resolved(preset, str(snapshot), "hf-cache")
-        looked.append(f"the Hugging Face cache {_hf_cache_dir()} (no complete snapshot of {preset.hub_id})")
-        if downloads_allowed():
-            return _resolved(preset, preset.hub_id, "hub")
-    what = f"preset {preset.name!r}" + (f" ({preset.hub_id})" if preset.hub_id else "")
-    lines = [f"The weights of {what} are missing.", "Looked in:"]
-    lines += [f"  - {place}" for place in looked]
-    if preset.how_to_get:
-        lines.append(preset.how_to_get)
-    else:
-        lines += [
-            "Downloads are off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set).",
-            "To get them, on a machine with internet run:",
-            f"  hf download {preset.hub_id} --local-dir {local}",
-            f"(older huggingface_hub: `huggingface-cli download {preset.hub_id} --local-dir {local}`), "
-            "or unset HF_HUB_OFFLINE to let transformers fetch it into the cache on first use.",
-        ]
-    raise MissingWeightsError("\n".join(lines))
+    raise MissingWeightsError(missing_message(preset, missing_pieces(preset)))
 
 
 def _resolved(preset: Preset, model_path: str, source: str) -> ResolvedModel:
@@ -342,7 +404,8 @@ def _resolve_hub_id(hub_id: str) -> ResolvedModel:
         raise MissingWeightsError(
             f"{hub_id} is not in the Hugging Face cache {_hf_cache_dir()} and downloads are off "
             f"(HF_HUB_OFFLINE is set). On a machine with internet run:\n"
-            f"  hf download {hub_id} --local-dir {local}\nthen pass {local} as the model."
+            f"  {download_command(hub_id)}\n(it fills the Hugging Face cache), or "
+            f"`hf download {hub_id} --local-dir {local}` and pass {local} as the model."
         )
     return ResolvedModel(
         name=hub_id,
@@ -366,7 +429,21 @@ def head_present(path: Path) -> bool:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir())
+    """Weight files, and every shard a *.index.json lists (an interrupted download is incomplete)."""
+    return _shards_missing(folder) == [] and any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir())
+
+
+def _shards_missing(folder: Path) -> list[str]:
+    import json
+
+    missing = []
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return [index.name]
+        missing += sorted(s for s in shards if not (folder / s).is_file())
+    return missing
 
 
 def _complete(folder: Path) -> bool:
@@ -378,6 +455,8 @@ def _why_not(folder: Path) -> str:
         return "no such folder"
     if not (folder / "config.json").is_file():
         return "no config.json"
+    if _shards_missing(folder):
+        return f"incomplete: {', '.join(_shards_missing(folder)[:3])} missing"
     if not _has_weights(folder):
         return "no weight files"
     return "ok"

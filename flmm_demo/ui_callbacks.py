@@ -25,7 +25,6 @@ from flmm_demo import render
 from flmm_demo.grounder import Grounder, Mode, Session, VisualCoT, check_question
 from flmm_demo.geometry import resize_mask
 from flmm_demo.images import ImageError, load_image
-from flmm_demo.presets import MissingWeightsError
 from flmm_demo.types import Turn
 from flmm_demo.ui_state import Item, ModelPool, SessionRegistry, UIState, highlighted, pictures, write_exports
 
@@ -382,7 +381,7 @@ class Callbacks:
             return {"state": state}
         try:
             grounder = self.pool.get(name)
-        except (MissingWeightsError, ValueError, OSError) as err:
+        except Exception as err:  # missing weights, or a model that fails to load: a message, never a traceback
             gr.Warning(str(err))
             return {"preset": current, "status": f"Stayed on `{current}`: {err}"}
         state.preset = name

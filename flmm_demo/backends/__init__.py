@@ -25,6 +25,7 @@ BACKENDS: dict[str, str] = {
     "deepseek_vl": "flmm_demo.backends.deepseek_vl:DeepseekVLBackend",
     "qwen2_vl": "flmm_demo.backends.qwen2_vl:Qwen2VLBackend",
     "qwen2_5_vl": "flmm_demo.backends.qwen2_vl:Qwen25VLBackend",
+    "qwen3_vl": "flmm_demo.backends.qwen2_vl:Qwen3VLBackend",
     "idefics3": "flmm_demo.backends.idefics3:Idefics3Backend",
     "smolvlm": "flmm_demo.backends.idefics3:SmolVLMBackend",
 }

@@ -41,6 +41,8 @@ class SamPrompts:
 
 def answer_baseline(attention: AnswerAttention) -> list[torch.Tensor]:
     """Per view (L*H, rows, cols): the mean attention of all answer tokens, the bias reference."""
+    if attention.map_spans is not None:  # only span means were kept: the whole answer is one of them
+        return attention.phrase_maps((0, len(attention.token_ids)))
     return [m.mean(0) for m in attention.maps]
 
 
