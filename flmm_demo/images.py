@@ -15,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# What a folder given on the command line contributes (by file name, case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class ImageError(ValueError):
@@ -61,6 +63,25 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         f"cannot load an image from a {type(source).__name__}; "
         "give a file path, the file's bytes, a PIL image or a numpy array"
     )
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The images that command-line paths name: a file as given (read later, so a bad file is
+    reported where it is used), a folder as its image files by suffix (IMAGE_SUFFIXES), sorted
+    by name, not recursive.
+
+    Raises ImageError for a folder that holds no image file.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"folder {path} holds no image file ({', '.join(IMAGE_SUFFIXES)}); check the path")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
 
 
 def fit_for_model(image: Image.Image, max_side: int = 2048) -> tuple[Image.Image, float]:

@@ -13,21 +13,29 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from flmm_demo.backends import load_backend
 from flmm_demo.backends.dtypes import LMM_DTYPES, lmm_dtype
+from flmm_demo.distributed import process_state
 from flmm_demo.grounder import Grounder
 from flmm_demo.heads import load_head, load_sam
-from flmm_demo.training import flag
-from flmm_demo.training.metrics import IoUAccumulator, SegmentationScores, format_table
 from flmm_demo.presets import resolve_preset
-from flmm_demo.training.refer import PROTOCOLS, Protocol, open_refer
+from flmm_demo.training import flag
+from flmm_demo.training.metrics import (
+    IoUAccumulator,
+    SegmentationScores,
+    expression_iou,
+    format_table,
+    intersection_union,
+)
+from flmm_demo.training.refer import PROTOCOLS, Protocol, ReferImage, ReferObject, open_refer
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,8 @@ class EvalConfig:
     sam: Path | None = flag("SAM checkpoint for the refiner (default: the preset's, if present)", None)
     refine: bool = flag("refine with SAM (--no-refine: do not use SAM)", True)
     limit: int | None = flag("score only the first N objects", None)
-    device: str = flag("torch device", "cuda" if torch.cuda.is_available() else "cpu")
+    device: str = flag("torch device (cuda under several processes: each its own GPU)",
+                       "cuda" if torch.cuda.is_available() else "cpu")
     lmm_dtype: str = flag("weights of the frozen LMM (auto: bfloat16 on a GPU, float32 on a CPU)", "auto",
                           choices=LMM_DTYPES)
 
@@ -101,28 +110,48 @@ def build_grounder(config: EvalConfig) -> tuple[Grounder, str]:
 def evaluate(config: EvalConfig, grounder: Grounder | None = None, mode: str | None = None) -> EvalResult:
     """Score every expression the protocol selects on one split.
 
+    Started by `torchrun` / `accelerate launch`, the processes split the images (no padding,
+    so every expression is scored exactly once, by one process) and gather the per-expression
+    intersections and unions; every process returns the same result, whose cIoU is the sum
+    of all intersections over the sum of all unions, as with one process.
+
     grounder/mode: an already built grounder to use instead of loading what the config
     names, and its mode ("head" or "training_free"; default: "head" when it has a head).
     """
     if config.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {config.protocol!r}; use one of {PROTOCOLS}")
     dataset = open_refer(config.data, config.split, config.images, config.split_by)
+    state = process_state()
     if grounder is None:
-        grounder, mode = build_grounder(config)
+        # Several processes on GPUs: each on its own (cuda:<local rank>).
+        device = str(state.device) if config.device == "cuda" else config.device
+        grounder, mode = build_grounder(replace(config, device=device))
     mode = mode or ("head" if grounder.head is not None else "training_free")
     refine = config.refine and grounder.sam is not None
-    accumulator = IoUAccumulator(config.protocol)
-    per_expression = []
     objects = [(image, obj) for image in dataset for obj in image.objects][: config.limit]
-    session, session_image = None, None
-    for image, obj in tqdm(objects, desc=f"eval {dataset.name} {config.split}", unit="object"):
-        if session_image != image.image_id:  # objects come grouped by image: one session each
-            session, session_image = grounder.new_session(image.path), image.image_id
-        target = image.mask(obj)
-        for expression in obj.expressions(config.protocol):
-            grounded = session.ground_expression(expression, mode=mode, refine=refine)
-            iou = accumulator.add(grounded.mask, target)
-            per_expression.append({"image_id": image.image_id, "ref_id": obj.ref_id, "expression": expression, "iou": iou})
+    by_image: list[tuple[ReferImage, list[ReferObject]]] = []  # objects come grouped by image
+    for image, obj in objects:
+        if not by_image or by_image[-1][0] is not image:
+            by_image.append((image, []))
+        by_image[-1][1].append(obj)
+    scored = []
+    with state.split_between_processes(by_image) as share:
+        progress = tqdm(share, desc=f"eval {dataset.name} {config.split}", unit="image", disable=not state.is_main_process)
+        for image, image_objects in progress:
+            session = grounder.new_session(image.path)  # one session per image: its prompt is reused
+            for obj in image_objects:
+                target = image.mask(obj)
+                for expression in obj.expressions(config.protocol):
+                    grounded = session.ground_expression(expression, mode=mode, refine=refine)
+                    inter, union = intersection_union(grounded.mask, target)
+                    scored.append({
+                        "image_id": image.image_id, "ref_id": obj.ref_id, "expression": expression,
+                        "intersection": inter, "union": union, "iou": expression_iou(inter, union),
+                    })
+    per_expression = gather_object(scored)  # in dataset order: the shares are consecutive
+    accumulator = IoUAccumulator(config.protocol)
+    for record in per_expression:
+        accumulator.add_counts(record["intersection"], record["union"])
     return EvalResult(dataset.name, config.split, mode, refine, accumulator.scores(), per_expression)
 
 
@@ -130,6 +159,8 @@ def run(config: EvalConfig, json_path: Path | None = None) -> int:
     """Run `eval`: print the table, write the JSON (default: outputs/eval/<dataset>-<split>-<protocol>.json);
     returns the exit status."""
     result = evaluate(config)
+    if not process_state().is_main_process:
+        return 0  # every process holds the same result; one prints and writes it
     name = f"{result.dataset} {result.split} ({result.mode}{', SAM' if result.refined else ''})"
     print(format_table([(name, result.scores)]))
     path = json_path or Path("outputs/eval") / f"{Path(config.data).name}-{config.split}-{config.protocol}.json"

@@ -24,6 +24,11 @@ def intersection_union(pred: np.ndarray | torch.Tensor, target: np.ndarray | tor
     return int(np.logical_and(pred, target).sum()), int(np.logical_or(pred, target).sum())
 
 
+def expression_iou(intersection: int, union: int) -> float:
+    """One expression's IoU; an empty prediction on an empty target counts 1."""
+    return intersection / union if union > 0 else 1.0
+
+
 def _as_bool(mask: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
@@ -50,7 +55,11 @@ class SegmentationScores:
 
 
 class IoUAccumulator:
-    """Collects per-expression intersections and unions; `scores()` gives cIoU and gIoU."""
+    """Collects per-expression intersections and unions; `scores()` gives cIoU and gIoU.
+
+    Counts scored by several processes combine exactly with `add_counts` per gathered
+    expression. Never average per-process cIoUs: cIoU is a ratio of sums.
+    """
 
     def __init__(self, protocol: str) -> None:
         self.protocol = protocol
@@ -61,9 +70,12 @@ class IoUAccumulator:
 
     def add(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> float:
         """Score one expression's predicted mask (H, W) against its target (H, W); returns its IoU."""
-        inter, union = intersection_union(pred, target)
-        iou = inter / union if union > 0 else 1.0
-        self.intersection += inter
+        return self.add_counts(*intersection_union(pred, target))
+
+    def add_counts(self, intersection: int, union: int) -> float:
+        """Add one expression's pixel counts (e.g. scored by another process); returns its IoU."""
+        iou = expression_iou(intersection, union)
+        self.intersection += intersection
         self.union += union
         self.iou_sum += iou
         self.n += 1
