@@ -310,7 +310,9 @@ class Session:
 
     def visual_cot(self, question: str, *, max_new_tokens: int = 256, mode: str = "auto",
                    refine: bool = True) -> VisualCoT:
-        """Ground the object most relevant to the question, crop it, and ask again (flmm.md 8).
+        """Ground the object most relevant to the question, crop it, and ask again (flmm.md 8):
+        with the whole image and the crop when the backend takes several images and both
+        fit the model's context with max_new_tokens to spare, else with the crop alone.
 
         The whole-image answer becomes the conversation's turn (so `ground()` grounds it
         with the attention it was generated with); the crop answer is in the result.
@@ -337,8 +339,11 @@ class Session:
             box = enlarge_box(obj.box if obj is not None else None, self.image.size)
             crop = self.image.crop(box)
             crop_for_model, _ = fit_for_model(crop)
-            if backend.multi_image:  # the whole image and the crop, as F-LMM asks
-                answer = backend.chat(self.model_image, self.history, f"{VCOT_REGION} {question}",
+            region_question = f"{VCOT_REGION} {question}"
+            both = backend.multi_image and backend.prompt_fits(  # as F-LMM asks, when the context holds both
+                self.model_image, self.history, region_question, [crop_for_model], max_new_tokens)
+            if both:
+                answer = backend.chat(self.model_image, self.history, region_question,
                                       max_new_tokens=max_new_tokens, extra_images=[crop_for_model])
             else:
                 answer = backend.chat(crop_for_model, self.history, f"{VCOT_REGION_ALONE} {question}",
