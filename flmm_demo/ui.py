@@ -23,6 +23,7 @@ import gradio as gr
 from PIL import Image
 
 from flmm_demo import render
+from flmm_demo.demo_world.examples import example_samples, photo_notice
 from flmm_demo.grounder import Grounder, Session, VisualCoT, check_question
 from flmm_demo.images import ImageError, fit_for_model, load_image, upscale_mask
 from flmm_demo.presets import PRESETS, MissingWeightsError
@@ -179,9 +180,7 @@ class DemoApp:
     # ------------------------------------------------------------------------ layout
     def _layout(self) -> gr.Blocks:
         grounder = self.pool.get(None)
-        # Demo-model scenes first, then photos.
-        examples = sorted((str(p) for p in ASSETS_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")),
-                          key=lambda p: (not Path(p).name.startswith("shapes_"), p))
+        examples = example_samples(ASSETS_DIR, demo=grounder.info.is_demo)  # shapes first, photos captioned
         with gr.Blocks(title="F-LMM: grounded chat with a frozen LMM") as demo:
             self.state = gr.State(UIState(), delete_callback=self._forget)
             gr.Markdown("## F-LMM: chat with an image, see what each phrase of the answer refers to")
@@ -194,10 +193,11 @@ class DemoApp:
                         gr.Markdown("A conversation is in progress. Start a new one with this image?")
                         self.confirm_btn = gr.Button("Start new conversation", variant="primary", elem_id="confirm-new")
                         self.keep_btn = gr.Button("Keep the current one", elem_id="keep-current")
-                    self.examples = gr.Dataset(components=[gr.Image(visible=False, type="filepath")],
-                                               samples=[[e] for e in examples], type="index", label="Examples",
+                    self.examples = gr.Dataset(components=[gr.Image(visible=False, type="filepath"),
+                                                           gr.Textbox(visible=False)],
+                                               samples=[list(e) for e in examples], type="index", label="Examples",
                                                samples_per_page=8, elem_id="examples")
-                    self.example_paths = examples
+                    self.example_paths = [path for path, _ in examples]
                     self.view = gr.Image(label="Masks", type="pil", interactive=False, format="png",
                                          buttons=["download", "fullscreen"], elem_id="mask-view")
                     self.heat = gr.Image(label="Raw attention of the selected phrase", type="pil",
@@ -434,7 +434,8 @@ class DemoApp:
         return {
             self.confirm_row: gr.Row(visible=False),
             self.chatbot: [],
-            self.status: f"New conversation about a {width}x{height} image. Ask a question.{sam_text}",
+            self.status: f"New conversation about a {width}x{height} image. Ask a question.{sam_text}"
+                         + f" {photo_notice(state.session.image, grounder.info.is_demo)}".rstrip(),
             self.vcot_panel: gr.Column(visible=False),
             self.sam_timer: timer,
             self.state: state,
