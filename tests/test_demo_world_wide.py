@@ -237,3 +237,20 @@ def test_visual_chain_of_thought_stays_within_the_demo_models_context():
     cot = session.visual_cot("what colour is the circle?", max_new_tokens=32, mode="training_free")
     assert cot.answer and backend.context_length == 1024
     assert lengths and max(lengths) + 32 <= backend.context_length
+
+
+def test_the_tried_wide_round_is_made_of_commands_that_parse():
+    import argparse
+
+    from flmm_demo import train as head_train
+    from flmm_demo.demo_world import recipe
+    from flmm_demo.demo_world.__main__ import build_parser
+
+    head_parser = argparse.ArgumentParser()
+    head_train.add_arguments(head_parser)
+    lmm, data, head = recipe.WIDE_ROUND
+    args = build_parser().parse_args(list(lmm.args))
+    assert args.init == recipe.FINAL_LMM and args.wide_share == 0.7 and args.short_qa and args.tune_vision
+    assert build_parser().parse_args(list(data.args)).wide_train == 300
+    args = head_parser.parse_args(list(head.args[1:]))
+    assert args.model == lmm.out and str(args.data) == data.out and str(args.sam) == recipe.FINAL_SAM
