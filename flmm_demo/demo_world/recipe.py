@@ -88,7 +88,7 @@ WIDE_ROUND: tuple[Step, ...] = (
     _round("runs/lmm-wide", "the wide world with short answers, vision tower tuned first",
            "--init", FINAL_LMM, "--seed", "6", "--minutes", "45", "--scenes", "1500", "--wide-share", "0.7",
            "--short-qa", "--tune-vision", "--vision-share", "0.2", "--vision-lr", "5e-4", "--chat-lr", "5e-4",
-           *GROUND, "--threads", "1"),
+           "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--threads", "1"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", "data/demo-shapes-wide", "--seed", "1", "--train", "300",
                                   "--val", "0", "--wide-train", "300"),
          "data/demo-shapes-wide", "the head's scenes: 300 classic (seed 1) and 300 of the wide world (seed 4)"),
