@@ -7,7 +7,10 @@ parameters (CLIP ViT-B/14 at 336 px -> 24x24 image tokens, 16-layer Llama), it t
   capture  attend() on the same prompt and answer: one teacher-forced pass of 49 tokens
            over the cached prompt, recording every answer row over the image tokens
 
-and compares the capture's peak extra memory with the F-LMM-style baseline: one full
+  grounding  attend(spans=...) as Session.ground calls it: the same pass, keeping only the
+           mean row of each phrase (PHRASES spans of 3 tokens here) and of the whole answer
+
+and compares the captures' peak extra memory with the F-LMM-style baseline: one full
 forward of prompt + answer with attn_implementation="eager" and output_attentions=True.
 Memory = peak RSS above the RSS at the call's start, sampled every millisecond by a thread
 (/proc/self/statm), with glibc forced to mmap allocations over 64 KiB
@@ -39,6 +42,7 @@ from flmm_demo.backends.llava import LlavaBackend  # noqa: E402
 from flmm_demo.backends.testing import LLAVA_CHAT_TEMPLATE, tiny_llava, tiny_tokenizer  # noqa: E402
 
 NEW_TOKENS = 48
+PHRASES = 6  # noun phrases of a typical described scene
 QUESTION = "What is in the picture?"
 
 
@@ -127,6 +131,12 @@ def measure(name: str, model: LlavaForConditionalGeneration, processor: LlavaPro
     result_mb = (sum(m.numel() for m in attention.maps) + attention.hidden_states.numel()) * 4 / 2**20
     tokens = len(attention.token_ids)
     del attention
+    step = tokens // PHRASES
+    spans = [(i * step, i * step + 3) for i in range(PHRASES)] + [(0, tokens)]
+    with PeakRSS() as grounding_mem:
+        attention = backend.attend(image, [], QUESTION, answer, spans=spans)
+    grounding_result_mb = (sum(m.numel() for m in attention.maps) + attention.hidden_states.numel()) * 4 / 2**20
+    del attention
 
     prompt = backend.build_prompt(image, [], QUESTION)
     ids = torch.cat([prompt.input_ids, torch.tensor([backend._last_generation.ids])], dim=1)
@@ -156,6 +166,9 @@ def measure(name: str, model: LlavaForConditionalGeneration, processor: LlavaPro
         "of which result (MB)": result_mb,
         "baseline peak extra (MB)": baseline_mem.extra_mb,
         "capture / baseline memory": capture_mem.extra_mb / baseline_mem.extra_mb,
+        "grounding capture peak extra (MB)": grounding_mem.extra_mb,
+        "of which its result (MB)": grounding_result_mb,
+        "grounding capture / baseline memory": grounding_mem.extra_mb / baseline_mem.extra_mb,
     }
 
 

@@ -10,7 +10,7 @@ shipped LMM (scenes of seeds 100-105) and head (seed 1) never saw:
    (`flmm_demo.demo_world.lmm.evaluate`), on regular scenes (2-5 shapes) and crowded
    scenes (6-7 shapes, more than any training scene).
 2. Referring segmentation, every sentence of every object (LISA/GLaMM protocol), through
-   `flmm_demo.evaluate.evaluate` exactly as `python -m flmm_demo eval` runs it, for the
+   `flmm_demo.training.evaluate.evaluate` exactly as `python -m flmm_demo eval` runs it, for the
    trained U-Net head alone and with its SAM refiner (the demo world's small SAM, trained
    by `train-sam`), and for the training-free path alone (the heat map thresholded) and
    with SAM prompts; and
@@ -58,14 +58,16 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from flmm_demo.backends import load_backend  # noqa: E402
-from flmm_demo.demo_world import scene_stream, write_refer_dataset  # noqa: E402
+from flmm_demo.demo_world import describe, scene_stream, write_refer_dataset  # noqa: E402
+from flmm_demo.demo_world.lmm import evaluate as evaluate_lmm  # noqa: E402
+from flmm_demo.demo_world.lmm import evaluate_answers, load  # noqa: E402
 from flmm_demo.demo_world.scenes import Scene, SceneObject, referring_expressions  # noqa: E402
-from flmm_demo.evaluate import EvalConfig, evaluate  # noqa: E402
+from flmm_demo.geometry import mask_box  # noqa: E402
 from flmm_demo.grounder import Grounder  # noqa: E402
 from flmm_demo.heads import load_head, load_sam  # noqa: E402
-from flmm_demo.heads.training_free import mask_box  # noqa: E402
-from flmm_demo.metrics import IoUAccumulator, SegmentationScores  # noqa: E402
-from flmm_demo.refer import ReferImage, ReferObject, open_refer  # noqa: E402
+from flmm_demo.training.evaluate import EvalConfig, evaluate  # noqa: E402
+from flmm_demo.training.metrics import IoUAccumulator, SegmentationScores  # noqa: E402
+from flmm_demo.training.refer import ReferImage, ReferObject, open_refer  # noqa: E402
 
 DEFAULT_MODEL = "checkpoints/demo-shapes/lmm"
 DEFAULT_HEAD = "checkpoints/demo-shapes/head"
@@ -154,8 +156,6 @@ def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[tuple
     cIoU/gIoU over the scored phrases, plus how many descriptions were exact and how many
     phrases named no object of the scene. modes: (grounding mode, with SAM) pairs.
     """
-    from flmm_demo.demo_world import describe
-
     accumulators = {mode: IoUAccumulator("phrases") for mode in modes}
     exact = unmatched = total = 0
     for scene in scenes:
@@ -237,8 +237,6 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"command": shlex.join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "seed": args.seed}
 
     start = time.time()
-    from flmm_demo.demo_world.lmm import evaluate as evaluate_lmm
-
     results["lmm"] = {}
     for name, _, held_out, offset in SETS if args.lmm_scenes else ():
         n = args.lmm_scenes if not held_out else max(1, args.lmm_scenes // 2)
@@ -246,8 +244,6 @@ def run(args: argparse.Namespace) -> dict:
     timings["LMM answers"] = time.time() - start
 
     start = time.time()
-    from flmm_demo.demo_world.lmm import evaluate_answers, load
-
     model, processor = load(args.model)
     results["answers"] = {}
     for name, wide, offset, n in (("regular (2-5 shapes)", False, 10, args.lmm_scenes),

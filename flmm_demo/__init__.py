@@ -11,7 +11,7 @@ __all__ = ["Grounder", "Session", "VisualCoT"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so `python -m flmm_demo doctor` and light imports skip torch/transformers start-up.
+    # Lazy, so light imports (e.g. flmm_demo.images) skip torch/transformers start-up.
     if name in __all__:
         from . import grounder
 

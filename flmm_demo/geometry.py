@@ -1,6 +1,10 @@
-"""Where token grids lie in the image: resampling view maps onto image pixels."""
+"""Pixel geometry: token grids onto the image, resizing masks and heat maps, mask boxes.
+
+Sizes follow PIL: `size` is (width, height); arrays are (height, width).
+"""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,3 +42,32 @@ def views_to_image(
     if total is None:
         raise ValueError("no image views to paste")
     return total / coverage.clamp(min=1)
+
+
+def resize_map(values: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) values -> (height, width) float32, bilinear (pixel centres aligned,
+    antialiased when shrinking, as PIL resizes). size: (width, height)."""
+    values = torch.as_tensor(np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values),
+                             dtype=torch.float32)
+    if values.ndim != 2:
+        raise ValueError(f"mask must be 2-D (h, w), got shape {tuple(values.shape)}")
+    width, height = size
+    if tuple(values.shape) == (height, width):
+        return values.numpy().copy()
+    resized = F.interpolate(values[None, None], size=(height, width), mode="bilinear", align_corners=False,
+                            antialias=True)
+    return resized[0, 0].numpy()
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) bool -> (height, width) bool, smooth (bilinear, then >= 0.5) rather than blocky.
+    size: (width, height)."""
+    return resize_map(np.asarray(mask, dtype=np.float32), size) >= 0.5
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of a bool (H, W) mask, x1/y1 exclusive; None when it is empty."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1

@@ -25,14 +25,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .backends import Backend, load_backend
-from .geometry import views_to_image
-from .heads.training_free import mask_box
+from .devices import LoadOptions
+from .geometry import mask_box, resize_map, resize_mask, views_to_image
+from .heads import load_head, load_sam
+from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
 from .images import fit_for_model, load_image
 from .phrases import extract_phrases, phrases_from_spans
+from .presets import require_weights
 from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
 
 MAX_QUESTION_CHARS = 2000
@@ -106,14 +108,24 @@ class Grounder:
         self._session: Session | None = None
 
     @classmethod
-    def from_preset(cls, name: str | None = None, *, device: str = "cpu") -> "Grounder":
-        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo."""
-        from .heads import load_head, load_sam
-        from .presets import resolve_preset
+    def from_preset(
+        cls, name: str | None = None, *, device: str = "auto", dtype: str | None = None,
+        quantize: str | None = None, offload: bool = False,
+    ) -> "Grounder":
+        """Load a named preset (or a local model folder); None -> $FLMM_PRESET or the bundled demo.
 
-        resolved = resolve_preset(name)
-        backend = load_backend(str(resolved.model_path), device=device)
-        head = load_head(resolved.head_path, backend) if resolved.head_path else None
+        A preset missing any piece (LMM, F-LMM head, SAM) raises MissingWeightsError at once,
+        before any network call, naming them all and the `download` command. device / dtype /
+        quantize / offload: see flmm_demo.devices.LoadOptions (default: the GPU if any, bf16 there).
+        """
+        resolved = require_weights(name)
+        if resolved.is_demo and dtype is None:
+            dtype = "fp32"  # the bundled 1.8M-parameter model gains nothing from bf16, and was trained in fp32
+        options = LoadOptions(device=device, dtype=dtype, quantize=quantize, offload=offload)
+        kwargs = options.from_pretrained_kwargs()
+        backend = load_backend(str(resolved.model_path), **kwargs)
+        device = kwargs["device"]
+        head = load_head(resolved.head_path, backend, device=device) if resolved.head_path else None
         sam = load_sam(resolved.sam_path, device=device) if resolved.sam_path else None
         info = ModelInfo(
             name=resolved.name, family=backend.family, description=resolved.description,
@@ -159,8 +171,6 @@ class Grounder:
         "training_free" (attention heat map -> SAM prompts, or a threshold without SAM),
         "auto" (the head when there is one).
         """
-        from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
-
         if mode not in MODES:
             raise ValueError(f"unknown grounding mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "head" and self.head is None:
@@ -183,16 +193,16 @@ class Grounder:
             whole = phrase.token_span == (0, len(attention.token_ids))
             heat_views = [attention_heatmap(m, baseline=None if whole else b, num_heads=attention.num_heads)
                           for m, b in zip(maps, baselines)]
-            heat = views_to_image([h[None] for h in heat_views], attention.views, (width, height))[0]
+            heat = views_to_image([h[None].cpu() for h in heat_views], attention.views, (width, height))[0]
             heat = heat / heat.max().clamp(min=1e-12)
             if head_outputs is not None:
-                logits = head_outputs[i].mask_logits
+                logits = head_outputs[i].mask_logits.float().cpu()  # the head may run on the GPU
                 mask = (logits > 0).numpy()
                 score = float(torch.sigmoid(logits[logits > 0]).mean()) if mask.any() else 0.0
             else:
                 mask, score = heatmap_to_mask(heat.numpy(), sam=self.sam if refine else None,
                                               sam_embedding=sam_embedding if refine else None)
-            results.append(GroundedPhrase(phrase, mask, box_of(mask), score, heat.numpy().astype(np.float32)))
+            results.append(GroundedPhrase(phrase, mask, mask_box(mask), score, heat.numpy().astype(np.float32)))
         return results
 
 
@@ -290,10 +300,15 @@ class Session:
             question, history = (self.history[-1].user, self.history[:-1]) if self.history else ("", [])
         if not answer.strip():
             return []
+        backend = self.grounder.backend
         with self.grounder.lock:
-            attention = self.grounder.backend.attend(self.model_image, history, question, answer, template="chat")
-            phrases = (phrases_from_spans(answer, list(spans), attention.token_spans) if spans is not None
-                       else extract_phrases(answer, attention.token_spans))
+            token_spans = backend.answer_token_spans(self.model_image, history, question, answer, template="chat")
+            phrases = (phrases_from_spans(answer, list(spans), token_spans) if spans is not None
+                       else extract_phrases(answer, token_spans))
+            if not phrases:
+                return []
+            attention = backend.attend(self.model_image, history, question, answer, template="chat",
+                                       spans=grounding_spans(phrases, len(token_spans)))
             grounded = self.grounder.segment(attention, phrases, mode=mode, refine=refine,
                                              sam_embedding=self._sam_embedding(refine))
         return [self._full_size(g) for g in grounded]
@@ -301,9 +316,12 @@ class Session:
     def ground_expression(self, expression: str, *, mode: str = "auto", refine: bool = True) -> GroundedPhrase:
         """Mask of a typed referring expression, teacher-forced as F-LMM evaluates."""
         expression = check_question(expression)
+        backend = self.grounder.backend
         with self.grounder.lock:
-            attention = self.grounder.backend.attend(self.model_image, [], "", expression, template="flmm")
-            phrase = Phrase(expression, (0, len(expression)), (0, len(attention.token_ids)))
+            count = len(backend.answer_token_spans(self.model_image, [], "", expression, template="flmm"))
+            phrase = Phrase(expression, (0, len(expression)), (0, count))
+            attention = backend.attend(self.model_image, [], "", expression, template="flmm",
+                                       spans=grounding_spans([phrase], count))
             (grounded,) = self.grounder.segment(attention, [phrase], mode=mode, refine=refine,
                                                 sam_embedding=self._sam_embedding(refine))
         return self._full_size(grounded)
@@ -324,13 +342,15 @@ class Session:
             probe = f"{question} {VCOT_HINT}"
             lead = backend.chat(self.model_image, self.history, probe, max_new_tokens=32,
                                 answer_start=VCOT_LEAD).strip()
-            attention = backend.attend(self.model_image, self.history, probe, lead, template="chat",
-                                       answer_start=VCOT_LEAD)
-            phrases = extract_phrases(lead, attention.token_spans)
+            token_spans = backend.answer_token_spans(self.model_image, self.history, probe, lead,
+                                                     template="chat", answer_start=VCOT_LEAD)
+            phrases = extract_phrases(lead, token_spans)
             if phrases:  # ground the generated object words together (mean over their tokens)
                 span = (phrases[0].token_span[0], phrases[-1].token_span[1])
                 obj_phrase = Phrase(lead[phrases[0].char_span[0]:phrases[-1].char_span[1]],
                                     (phrases[0].char_span[0], phrases[-1].char_span[1]), span)
+                attention = backend.attend(self.model_image, self.history, probe, lead, template="chat",
+                                           answer_start=VCOT_LEAD, spans=grounding_spans([obj_phrase], len(token_spans)))
                 (obj,) = self.grounder.segment(attention, [obj_phrase], mode=mode, refine=refine,
                                                sam_embedding=self._sam_embedding(refine))
                 obj = self._full_size(obj)
@@ -357,17 +377,16 @@ class Session:
         """Scale a mask from the model image to the full-size image."""
         if self.model_image.size == self.image.size:
             return g
-        size = self.image.size
-        mask = np.asarray(Image.fromarray(g.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-        heat = F.interpolate(torch.from_numpy(g.heatmap)[None, None], size=(size[1], size[0]),
-                             mode="bilinear", align_corners=False)[0, 0].numpy()
-        return GroundedPhrase(g.phrase, mask, box_of(mask), g.score, heat)
+        mask = resize_mask(g.mask, self.image.size)
+        return GroundedPhrase(g.phrase, mask, mask_box(mask), g.score, resize_map(g.heatmap, self.image.size))
 
 
-def box_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) of a bool mask, x1/y1 exclusive; None when it is empty."""
-    box = mask_box(mask)
-    return None if box is None else tuple(int(v) for v in box)
+def grounding_spans(phrases: Sequence[Phrase], num_tokens: int) -> list[tuple[int, int]]:
+    """The answer-token spans grounding reads: each phrase's, then the whole answer (the
+    training-free baseline). Attending with only these keeps P maps instead of T."""
+    spans = list(dict.fromkeys(p.token_span for p in phrases))
+    whole = (0, num_tokens)
+    return spans if whole in spans else spans + [whole]
 
 
 def enlarge_box(box: tuple[int, int, int, int] | None, image_size: tuple[int, int],

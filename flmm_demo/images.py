@@ -1,7 +1,7 @@
 """The one image loader: anything a user can hand us -> an upright 8-bit RGB PIL image.
 
-Also the two size helpers around the model: `fit_for_model` shrinks huge photos before
-they reach the LMM, and `upscale_mask` brings a mask back to the full image size.
+Also `fit_for_model`, which shrinks huge photos before they reach the LMM (a mask goes
+back to the full size with `geometry.resize_mask`).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageSource = str | Path | bytes | Image.Image | np.ndarray
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# What a folder given on the command line contributes (by file name, case-insensitive).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class ImageError(ValueError):
@@ -63,12 +65,31 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     )
 
 
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """The images that command-line paths name: a file as given (read later, so a bad file is
+    reported where it is used), a folder as its image files by suffix (IMAGE_SUFFIXES), sorted
+    by name, not recursive.
+
+    Raises ImageError for a folder that holds no image file.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"folder {path} holds no image file ({', '.join(IMAGE_SUFFIXES)}); check the path")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
 def fit_for_model(image: Image.Image, max_side: int = 2048) -> tuple[Image.Image, float]:
     """Shrink `image` so its longest side is at most `max_side`, keeping the aspect ratio.
 
     Returns (image, scale) with scale = new longest side / old longest side (1.0 and the
     same image when it already fits). A mask predicted on the small image goes back to
-    the full size with `upscale_mask(mask, original.size)`.
+    the full size with `geometry.resize_mask(mask, original.size)`.
     """
     if max_side < 1:
         raise ValueError(f"max_side must be at least 1, got {max_side}")
@@ -80,25 +101,6 @@ def fit_for_model(image: Image.Image, max_side: int = 2048) -> tuple[Image.Image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     # reducing_gap lets PIL shrink by whole factors first: fast on 100-megapixel photos.
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), scale
-
-
-def upscale_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a mask to `size` = (width, height), the PIL image size convention.
-
-    mask: (h, w) bool -> (height, width) bool, smoothed (bilinear, then > 0.5) rather than
-    blocky; (h, w) float -> (height, width) float32, bilinear.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (h, w), got shape {mask.shape}")
-    width, height = size
-    if mask.shape == (height, width):
-        return mask.copy()
-    if mask.dtype == bool:
-        grey = Image.fromarray(mask.astype(np.uint8) * 255)
-        return np.asarray(grey.resize((width, height), Image.Resampling.BILINEAR)) > 127
-    values = Image.fromarray(mask.astype(np.float32))
-    return np.asarray(values.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
 
 
 def _decode(fp: io.BytesIO | Path, name: str, max_pixels: int) -> Image.Image:

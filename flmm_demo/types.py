@@ -39,7 +39,8 @@ class AnswerAttention:
 
     maps[v]: (T, L*H, rows, cols) float32 for view v; softmax attention of each answer
         token (as query) restricted to that view's image-token columns. Channel order is
-        layer * num_heads + head.
+        layer * num_heads + head. When `map_spans` is set, maps[v] is (P, L*H, rows, cols):
+        only the mean over each of those P token spans was kept (Backend.attend(spans=...)).
     hidden_states: (L, T, D) float32, output of every decoder layer for the answer
         tokens (the embedding output excluded; the last one after the final norm, as
         transformers returns it and as F-LMM's text cue uses it).
@@ -55,17 +56,21 @@ class AnswerAttention:
     num_layers: int
     num_heads: int
     image_size: tuple[int, int]  # (width, height) of the original image
+    map_spans: list[tuple[int, int]] | None = None  # the token spans maps[v] holds, None: every token
 
-    def phrase_maps(self, token_span: tuple[int, int], reduce: str = "mean") -> list[torch.Tensor]:
-        """Per view (L*H, rows, cols): the phrase's tokens combined channel by channel."""
+    def phrase_maps(self, token_span: tuple[int, int]) -> list[torch.Tensor]:
+        """Per view (L*H, rows, cols): the mean over the phrase's tokens, channel by channel."""
         start, end = token_span
         if not 0 <= start < end <= len(self.token_ids):
             raise ValueError(f"token span {token_span} is outside the answer's {len(self.token_ids)} tokens")
-        out = []
-        for m in self.maps:
-            sel = m[start:end]
-            out.append(sel.mean(0) if reduce == "mean" else sel.amax(0))
-        return out
+        if self.map_spans is not None:
+            if tuple(token_span) not in self.map_spans:
+                raise ValueError(
+                    f"this attention kept only the means of token spans {self.map_spans}; "
+                    f"attend with spans=... including {tuple(token_span)} (or spans=None for every token)"
+                )
+            return [m[self.map_spans.index(tuple(token_span))] for m in self.maps]
+        return [m[start:end].mean(0) for m in self.maps]
 
     def phrase_hidden(self, token_span: tuple[int, int]) -> torch.Tensor:
         """(L, n_tokens, D) hidden states of the phrase tokens."""

@@ -25,8 +25,9 @@ from PIL import Image
 from flmm_demo import render
 from flmm_demo.demo_world.examples import example_samples, photo_notice
 from flmm_demo.grounder import Grounder, Session, VisualCoT, check_question
-from flmm_demo.images import ImageError, fit_for_model, load_image, upscale_mask
-from flmm_demo.presets import PRESETS, MissingWeightsError
+from flmm_demo.geometry import resize_mask
+from flmm_demo.images import ImageError, fit_for_model, load_image
+from flmm_demo.presets import PRESETS
 from flmm_demo.types import GroundedPhrase, Turn
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -329,7 +330,7 @@ class DemoApp:
             return None, None
         items, colors = state.items, render.palette(len(state.items))
         image, scale = fit_for_model(state.session.image, DISPLAY_MAX_SIDE)
-        fit = (lambda m: upscale_mask(m, image.size)) if scale != 1.0 else (lambda m: m)
+        fit = (lambda m: resize_mask(m, image.size)) if scale != 1.0 else (lambda m: m)
         if state.selected is None:
             shown = render.overlay(image, [fit(it.grounded.mask) for it in items], colors, alpha)
             overlay = render.with_legend(shown, [it.label for it in items], colors)
@@ -578,7 +579,7 @@ class DemoApp:
             return {self.state: state}
         try:
             grounder = self.pool.get(name)
-        except (MissingWeightsError, ValueError, OSError) as err:
+        except Exception as err:  # missing weights, or a model that fails to load: a message, never a traceback
             gr.Warning(str(err))
             return {self.preset: current, self.status: f"Stayed on `{current}`: {err}"}
         state.preset = name

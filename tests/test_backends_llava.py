@@ -19,6 +19,7 @@ from flmm_demo.backends.deepseek_vl import DeepseekVLBackend
 from flmm_demo.backends.llava import LlavaBackend, clip_style_box, resize_and_pad_square
 from flmm_demo.backends.llava_next import LlavaNextBackend, unpadded_rows_cols
 from flmm_demo.backends.testing import tiny_deepseek_vl, tiny_llava, tiny_llava_next
+from flmm_demo.heads.unet import crop_to_image
 from flmm_demo.types import Turn
 
 FAMILIES = {
@@ -262,8 +263,6 @@ def test_load_backend_dispatches_on_model_type(tmp_path):
 def test_square_input_follows_flmm_processor_so_the_head_crop_matches():
     """F-LMM's LLaVA processor: 500x333 -> 336x223 (int), 56 px padding on top; its head
     then keeps 64-grid rows 10..52. Our placement must give the same crop."""
-    from flmm_demo.heads.unet import crop_to_image
-
     square, (ox, oy, sx, sy) = resize_and_pad_square(Image.new("RGB", (500, 333), (255, 0, 0)), 336, (122, 116, 104))
     assert square.size == (336, 336)
     assert square.getpixel((10, 55)) == (122, 116, 104) and square.getpixel((10, 56)) == (255, 0, 0)

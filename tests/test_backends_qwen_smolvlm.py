@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     Idefics3Config,
     Idefics3Processor,
-    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLProcessor,
     Qwen2VLConfig,
@@ -30,14 +28,11 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 
 from flmm_demo.backends import load_backend
 from flmm_demo.backends.idefics3 import Idefics3Backend, SmolVLMBackend
-from flmm_demo.backends.qwen2_vl import Qwen25VLBackend, Qwen2VLBackend
+from flmm_demo.backends.qwen2_vl import Qwen3VLBackend, Qwen25VLBackend, Qwen2VLBackend
+from flmm_demo.backends.testing import QWEN_CHAT_TEMPLATE as QWEN_TEMPLATE
+from flmm_demo.backends.testing import byte_tokenizer, tiny_qwen3_vl
 from flmm_demo.types import AnswerAttention, Turn
 
-QWEN_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
     "{% if m['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}{% for c in m['content'] %}"
@@ -47,15 +42,6 @@ SMOLVLM_TEMPLATE = (
 HISTORY = [Turn("Hi there.", "Hello!")]
 QUESTION = "What is in the picture?"
 ANSWER = "A red square at the bottom right."
-
-
-def byte_tokenizer(specials: list[str], eos: str, pad: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer without merges (one token per byte) plus special tokens."""
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, additional_special_tokens=specials)
 
 
 def gradient_image(width: int, height: int) -> Image.Image:
@@ -138,8 +124,10 @@ def tiny_idefics3(do_image_splitting: bool = True, smolvlm: bool = False, seed: 
     return backend_class(backend_class.model_class(config), processor)
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm"])
 def backend(request):
+    if request.param == "qwen3_vl":
+        return Qwen3VLBackend(*tiny_qwen3_vl())
     if request.param in ("idefics3", "smolvlm"):
         return tiny_idefics3(smolvlm=request.param == "smolvlm")
     return tiny_qwen(request.param)
@@ -290,3 +278,41 @@ def test_load_backend_round_trip(backend, image, tmp_path):
     loaded = load_backend(str(tmp_path))
     assert type(loaded) is type(backend)
     assert loaded.chat(image, [], QUESTION, max_new_tokens=4) == backend.chat(image, [], QUESTION, max_new_tokens=4)
+
+
+def test_chat_shows_the_crop_with_the_whole_image(backend, image):
+    """Multi-image chat (the visual chain of thought's second question): both images' tokens are in the prompt."""
+    crop = image.crop((0, 0, 90, 60))
+    one = backend.build_prompt(image, [], QUESTION)
+    crop_only = backend.build_prompt(crop, [], QUESTION)
+    both = backend.build_prompt(image, [], QUESTION, extra_images=[crop])
+    count = lambda prompt: int((prompt.input_ids == backend.image_token_id).sum())  # noqa: E731
+    assert count(both) == count(one) + count(crop_only)
+    assert both.views == []  # a chat-only prompt: no attention is read from it
+    answer = backend.chat(image, [], QUESTION, max_new_tokens=4, extra_images=[crop])
+    assert isinstance(answer, str)
+
+
+def test_qwen3_vl_grounds_training_free_and_asks_the_crop_with_the_image():
+    from flmm_demo.grounder import Grounder
+
+    backend = Qwen3VLBackend(*tiny_qwen3_vl())
+    grounder = Grounder(backend)  # no released head: training-free, no SAM: a threshold
+    assert grounder.info.modes == ["training_free"]
+    session = grounder.new_session(gradient_image(180, 100))
+    grounded = session.ground(ANSWER)
+    assert [g.phrase.text for g in grounded] == ["red square", "bottom right"]
+    for g in grounded:
+        assert g.mask.shape == (100, 180) and g.mask.any() and g.heatmap.shape == (100, 180)
+    shown = []
+    chat = backend.chat
+
+    def recording_chat(image, history, question, **kwargs):
+        shown.append([image.size] + [extra.size for extra in kwargs.get("extra_images", ())])
+        return chat(image, history, question, **kwargs)
+
+    backend.chat = recording_chat
+    cot = session.visual_cot(QUESTION, max_new_tokens=4)
+    # whole-image answer, the "most relevant object" probe, then the whole image and the crop together
+    assert len(shown) == 3 and shown[-1] == [(180, 100), cot.crop.size]
+    assert session.history[-1].user == QUESTION

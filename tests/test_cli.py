@@ -53,6 +53,13 @@ def test_all_images_bad_is_a_failure(model_dir, tmp_path):
                  "--model", str(model_dir)]) == 1
 
 
+def test_ground_a_folder_without_images_says_so(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["ground", str(tmp_path), "--expression", "the cat", "--out", str(tmp_path / "o")]) == 2
+    assert f"folder {tmp_path} holds no image file (.png, .jpg" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_doctor_lists_presets(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out

@@ -359,15 +359,14 @@ def test_shipped_checkpoint_describes_generated_scenes():
 
 
 def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
-    import argparse
+    from transformers import HfArgumentParser
 
-    from flmm_demo import train as head_train
+    from flmm_demo.training.train import TrainConfig
     from flmm_demo.demo_world import recipe
     from flmm_demo.demo_world.__main__ import build_parser, rebuild
 
     demo_parser = build_parser()
-    head_parser = argparse.ArgumentParser()
-    head_train.add_arguments(head_parser)
+    head_parser = HfArgumentParser(TrainConfig)
     made: list[str] = []
     for step in recipe.STEPS:
         if step.module == "flmm_demo.demo_world":

@@ -24,13 +24,13 @@ from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from flmm_demo import train  # noqa: E402
 from flmm_demo.demo_world import DEFAULT_LMM_DIR, write_refer_dataset  # noqa: E402
 from flmm_demo.backends import load_backend  # noqa: E402
-from flmm_demo.evaluate import EvalConfig, evaluate  # noqa: E402
 from flmm_demo.grounder import Grounder  # noqa: E402
 from flmm_demo.heads import FlmmHead, load_head, load_sam  # noqa: E402
 from flmm_demo.heads.sam import build_tiny_sam  # noqa: E402
+from flmm_demo.training import train  # noqa: E402
+from flmm_demo.training.evaluate import EvalConfig, evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_HEAD = REPO / "checkpoints" / "demo-shapes" / "head"

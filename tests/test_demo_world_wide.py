@@ -240,14 +240,13 @@ def test_visual_chain_of_thought_stays_within_the_demo_models_context():
 
 
 def test_the_tried_wide_round_is_made_of_commands_that_parse():
-    import argparse
+    from transformers import HfArgumentParser
 
-    from flmm_demo import train as head_train
     from flmm_demo.demo_world import recipe
     from flmm_demo.demo_world.__main__ import build_parser
+    from flmm_demo.training.train import TrainConfig
 
-    head_parser = argparse.ArgumentParser()
-    head_train.add_arguments(head_parser)
+    head_parser = HfArgumentParser(TrainConfig)
     lmm, data, head = recipe.WIDE_ROUND
     args = build_parser().parse_args(list(lmm.args))
     assert args.init == recipe.FINAL_LMM and args.wide_share == 0.7 and args.short_qa and args.tune_vision

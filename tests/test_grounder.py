@@ -1,6 +1,8 @@
 """The Grounder end to end on a tiny random LLaVA: answer -> phrases -> masks on the image."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -140,8 +142,6 @@ def test_training_free_expression_has_a_heat_map(backend):
 
 def test_a_stream_advanced_from_several_threads_and_closed_early(backend, head):
     """Gradio advances generators on worker threads; an early close must free the model."""
-    from concurrent.futures import ThreadPoolExecutor
-
     grounder = Grounder(backend, head)
     session = grounder.new_session(scene())
     stream = session.stream_chat("What is in the picture?", max_new_tokens=8)

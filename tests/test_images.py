@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flmm_demo.images import ImageError, fit_for_model, load_image, upscale_mask
+from flmm_demo.geometry import resize_map, resize_mask
+from flmm_demo.images import ImageError, fit_for_model, load_image
 
 
 def _png_bytes(im: Image.Image) -> bytes:
@@ -77,7 +78,7 @@ def test_one_pixel_image_is_valid():
     assert im.size == (1, 1) and im.getpixel((0, 0)) == (10, 20, 30)
     small, scale = fit_for_model(im)
     assert small.size == (1, 1) and scale == 1.0
-    assert upscale_mask(np.ones((1, 1), bool), (4, 3)).shape == (3, 4)
+    assert resize_mask(np.ones((1, 1), bool), (4, 3)).shape == (3, 4)
 
 
 def test_huge_file_is_refused_from_its_header_quickly(tmp_path):
@@ -101,10 +102,10 @@ def test_fit_for_model_keeps_aspect_and_masks_come_back_full_size():
     assert small.size == (2048, 1638) and scale == pytest.approx(0.2048)
     mask = np.zeros((1638, 2048), bool)
     mask[:819, :1024] = True  # top-left quarter
-    full = upscale_mask(mask, big.size)
+    full = resize_mask(mask, big.size)
     assert full.shape == (8_000, 10_000) and full.dtype == bool
     assert full[:3990, :4990].all() and not full[4010:, :].any() and not full[:, 5010:].any()
-    heat = upscale_mask(np.array([[0.0, 1.0]], np.float32), (4, 2))
+    heat = resize_map(np.array([[0.0, 1.0]], np.float32), (4, 2))
     assert heat.dtype == np.float32 and heat.shape == (2, 4) and heat[0, 0] == 0.0 and heat[0, 3] == 1.0
 
 

@@ -5,14 +5,9 @@ import json
 
 import pytest
 
-from flmm_demo.presets import (
-    PRESETS,
-    SAM_CHECKPOINTS,
-    MissingWeightsError,
-    default_preset_name,
-    doctor_report,
-    resolve_preset,
-)
+from flmm_demo.doctor import doctor_report
+from flmm_demo.heads.sam import SAM_CHECKPOINT_NAMES
+from flmm_demo.presets import PRESETS, MissingWeightsError, default_preset_name, resolve_preset
 
 
 @pytest.fixture
@@ -52,7 +47,7 @@ def test_missing_preset_names_where_it_looked_and_how_to_get_it(ckpt):
     message = str(err.value)
     assert str(ckpt / "Qwen2.5-VL-3B-Instruct") in message
     assert "Qwen/Qwen2.5-VL-3B-Instruct" in message
-    assert f"hf download Qwen/Qwen2.5-VL-3B-Instruct --local-dir {ckpt / 'Qwen2.5-VL-3B-Instruct'}" in message
+    assert "python -m flmm_demo download qwen2.5-vl-3b" in message
     assert "Hugging Face cache" in message and "no such folder" in message
 
 
@@ -79,14 +74,17 @@ def test_hf_cache_is_found_offline(ckpt, tmp_path):
     assert (model.source, model.model_path, model.family, model.preset) == ("hf-cache", str(other), "qwen2_vl", None)
 
 
-def test_hub_is_used_only_when_downloads_are_allowed(ckpt, monkeypatch):
+def test_hub_is_used_only_for_a_hub_id_and_only_when_downloads_are_allowed(ckpt, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    model = resolve_preset("qwen2-vl-2b")
-    assert model.source == "hub" and model.where == "will download from hub Qwen/Qwen2-VL-2B-Instruct"
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    with pytest.raises(MissingWeightsError):
+    model = resolve_preset("someone/tiny-vlm")
+    assert model.source == "hub" and model.where == "will download from hub someone/tiny-vlm"
+    # A preset is never fetched on load, online either: the message says to download it.
+    with pytest.raises(MissingWeightsError, match="python -m flmm_demo download qwen2-vl-2b"):
         resolve_preset("qwen2-vl-2b")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(MissingWeightsError, match="python -m flmm_demo download someone/tiny-vlm"):
+        resolve_preset("someone/tiny-vlm")
 
 
 def test_default_preset_and_unknown_names(ckpt, monkeypatch):
@@ -141,7 +139,7 @@ def test_missing_head_and_sam_say_which_file_goes_where(ckpt):
 
 def test_doctor_lists_every_preset_and_the_environment(ckpt):
     _model_folder(ckpt / "demo-shapes" / "lmm")
-    (ckpt / SAM_CHECKPOINTS["vit_b"]).write_bytes(b"sam")
+    (ckpt / SAM_CHECKPOINT_NAMES["vit_b"]).write_bytes(b"sam")
     report = doctor_report()
     rows = {line.split()[0]: line for line in report.splitlines() if line.split() and line.split()[0] in PRESETS}
     assert set(rows) == set(PRESETS)

@@ -6,16 +6,22 @@ a handful of steps on one image with two objects.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from transformers import HfArgumentParser
 
-from flmm_demo import evaluate, train
+from flmm_demo.backends import load_backend
 from flmm_demo.backends.testing import tiny_llava
 from flmm_demo.demo_world.scenes import write_refer_dataset
-from flmm_demo.heads import FlmmHead
+from flmm_demo.heads import FlmmHead, FlmmHeadConfig, SamImageEmbedding
+from flmm_demo.heads.losses import bce_dice_loss
+from flmm_demo.images import load_image
+from flmm_demo.training import evaluate, train
+from flmm_demo.training.refer import open_refer
 
 SCENE_WITH_TWO_OBJECTS = 3  # demo-world seed: a circle and a triangle, 6 expressions each
 
@@ -39,22 +45,20 @@ def _train_args(world: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _parse(argv: list[str], module) -> object:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return parser.parse_args(argv)
+def _config(argv: list[str]) -> train.TrainConfig:
+    """The TrainConfig that `python -m flmm_demo train ARGV` runs."""
+    (config,) = HfArgumentParser(train.TrainConfig).parse_args_into_dataclasses(argv)
+    return config
 
 
 @pytest.fixture(scope="module")
 def trained(world) -> tuple[Path, train.TrainResult, train.TrainResult]:
     """One step, stop; then --resume to the end of the 2-step schedule."""
     out = world / "run"
-    args = _parse(_train_args(world, out, "--max-steps", "1"), train)
-    first = train.train(train.config_from_args(args))
-    args = _parse(_train_args(world, out, "--resume"), train)
-    resumed = train.train(train.config_from_args(args))
+    config = _config(_train_args(world, out, "--max-steps", "1"))
+    first = train.train(config)
+    config = _config(_train_args(world, out, "--resume"))
+    resumed = train.train(config)
     return out, first, resumed
 
 
@@ -79,9 +83,9 @@ def test_resume_continues_the_step_count(trained):
 
 
 def test_resume_without_checkpoint_says_so(world, tmp_path):
-    args = _parse(_train_args(world, tmp_path / "empty", "--resume"), train)
+    config = _config(_train_args(world, tmp_path / "empty", "--resume"))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train.train(train.config_from_args(args))
+        train.train(config)
 
 
 def test_eval_with_the_trained_head(trained, world, tmp_path, capsys):
@@ -114,18 +118,13 @@ def test_eval_training_free_every_sentence(world, tmp_path):
 def test_bce_dice_loss_is_small_for_a_confident_right_answer():
     target = torch.zeros(1, 8, 8)
     target[0, 2:6, 2:6] = 1
-    right = train.bce_dice_loss(target * 20 - 10, target)
-    wrong = train.bce_dice_loss(10 - target * 20, target)
+    right = bce_dice_loss(target * 20 - 10, target)
+    wrong = bce_dice_loss(10 - target * 20, target)
     assert right.item() < 0.01 and wrong.item() > 1.5
 
 
 def test_refiner_trains_on_fresh_lmm_features(world):
     """The SAM refiner's training path: real LMM features, a stand-in SAM image embedding."""
-    from flmm_demo.backends import load_backend
-    from flmm_demo.heads import FlmmHeadConfig, SamImageEmbedding
-    from flmm_demo.images import load_image
-    from flmm_demo.refer import open_refer
-
     backend = load_backend(str(world / "lmm"))
     (image,) = list(open_refer(world / "data", "train"))
     answer, spans = train.training_answer(image, epoch=0)
@@ -145,3 +144,28 @@ def test_refiner_trains_on_fresh_lmm_features(world):
     assert loss.item() > 0
     assert head.sam.text_proj.weight.grad.abs().sum() > 0
     assert head.mask_head.conv_seg.weight.grad.abs().sum() > 0
+
+
+def _old_schedule(step: int, total_steps: int, warmup: int) -> float:
+    """The hand-written schedule train.py had before transformers' (kept here as the reference)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+
+@pytest.mark.parametrize("total_steps", [2, 33, 1000])
+def test_cosine_schedule_is_the_old_curve(total_steps):
+    """The warm-up is the old one; after it the cosine runs one step ahead of the old one
+    (so the last step's rate is 0 where the old one was nearly 0)."""
+    warmup = train.warmup_steps(total_steps, 0.03)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train.cosine_schedule(optimizer, total_steps, 0.03)
+    curve = []
+    for _ in range(total_steps):
+        curve.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    old = [_old_schedule(step, total_steps, warmup) for step in range(total_steps + 1)]
+    assert curve[:warmup] == pytest.approx(old[:warmup], abs=1e-9)
+    assert curve[warmup:] == pytest.approx(old[warmup + 1 :], abs=1e-9)
+    assert max(abs(a - b) for a, b in zip(curve, old)) <= math.pi / 2 / (total_steps - warmup) + 1e-9

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any
 
+from transformers import PretrainedConfig
+
 from flmm_demo.backends.base import Backend, Prompt, ViewTokens
 
 # model_type (config.json) -> "module:Class"; modules are imported only when used.
@@ -23,6 +25,7 @@ BACKENDS: dict[str, str] = {
     "deepseek_vl": "flmm_demo.backends.deepseek_vl:DeepseekVLBackend",
     "qwen2_vl": "flmm_demo.backends.qwen2_vl:Qwen2VLBackend",
     "qwen2_5_vl": "flmm_demo.backends.qwen2_vl:Qwen25VLBackend",
+    "qwen3_vl": "flmm_demo.backends.qwen2_vl:Qwen3VLBackend",
     "idefics3": "flmm_demo.backends.idefics3:Idefics3Backend",
     "smolvlm": "flmm_demo.backends.idefics3:SmolVLMBackend",
 }
@@ -43,8 +46,6 @@ def model_type_of(path_or_id: str) -> str:
         with open(config_file) as f:
             config = json.load(f)
     else:
-        from transformers import PretrainedConfig
-
         config, _ = PretrainedConfig.get_config_dict(path_or_id)
     if "model_type" not in config:
         raise ValueError(f"{path_or_id}: config.json has no model_type; is this a transformers checkpoint?")

@@ -148,6 +148,8 @@ class Backend:
     answer_prefix: ClassVar[str] = ""
     # Whether chat() can show more than one image in a prompt (visual chain of thought).
     multi_image: ClassVar[bool] = True
+    # Token grids an F-LMM head of this family reads (FlmmHeadConfig.input_grids).
+    head_input_grids: ClassVar[int] = 1
 
     def __init__(self, model: PreTrainedModel, processor: Any, *, grounding_prompt: str | None = None):
         self.model = model.eval()
@@ -168,11 +170,19 @@ class Backend:
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path_or_id: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "Backend":
-        """Load model and processor from a local folder or a (cached) Hugging Face id."""
+    def from_pretrained(
+        cls, path_or_id: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        device_map: str | dict | None = None, quantization_config: Any = None,
+    ) -> "Backend":
+        """Load model and processor from a local folder or a (cached) Hugging Face id.
+
+        device_map: "auto" spreads the model over GPU and CPU (accelerate); default: all on
+        `device`. quantization_config: e.g. transformers' BitsAndBytesConfig (flmm_demo.devices).
+        """
         if cls.model_class is None:
             raise TypeError(f"{cls.__name__} sets no model_class; use a family class or load_backend()")
-        model = cls.model_class.from_pretrained(path_or_id, dtype=dtype, device_map=device)
+        extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        model = cls.model_class.from_pretrained(path_or_id, dtype=dtype, device_map=device_map or device, **extra)
         processor = AutoProcessor.from_pretrained(path_or_id)
         return cls(model, processor)
 
@@ -406,6 +416,7 @@ class Backend:
         *,
         template: str = "chat",
         answer_start: str = "",
+        spans: Sequence[tuple[int, int]] | None = None,
     ) -> AnswerAttention:
         """Teacher-force `answer` after the prompt and capture its attention over the image.
 
@@ -414,16 +425,21 @@ class Backend:
         assistant prefix and `answer` (as given to chat), part of the prompt, not of the
         answer. One forward pass of T+1 tokens over the cached prompt; the maps equal the
         eager full-sequence attention rows.
+        spans: answer-token spans [start, end) to keep, e.g. the phrases to ground and the
+        whole answer (see `answer_token_spans`): the maps then hold only the mean row of
+        each span (len(spans) instead of T rows, reduced layer by layer during the pass,
+        so a long answer costs no more memory than a short one).
         """
         prompt = self.build_prompt(image, history, question, template, answer_start)
-        ids, spans = self.answer_tokens(prompt, answer)
+        ids, token_spans = self.answer_tokens(prompt, answer)
         prefix = self._prefilled(prompt)
         device = prompt.input_ids.device
         new_ids = torch.cat([prompt.input_ids[:, -1:], torch.tensor([ids], device=device)], dim=1)  # (1, T+1)
         all_positions = torch.cat([v.positions for v in prompt.views]).to(device)
         columns, inverse = torch.unique(all_positions, sorted=True, return_inverse=True)
+        weights = None if spans is None else span_weights(spans, len(ids), first_row=1)
         try:
-            with torch.no_grad(), capture_attention(self._attention_modules, columns) as recorder:
+            with torch.no_grad(), capture_attention(self._attention_modules, columns, weights) as recorder:
                 out = self.model(
                     **self.cached_forward_inputs(prompt, new_ids),
                     **{self._cache_kwarg: prefix.cache},
@@ -433,7 +449,9 @@ class Backend:
                 )
         finally:
             self._rewind()
-        rows = stack_rows(recorder)[1:]  # (T, L*H, N): the last prompt token's row is not an answer token
+        rows = stack_rows(recorder)  # (T+1 or P, L*H, N)
+        if spans is None:
+            rows = rows[1:]  # the last prompt token's row is not an answer token
         maps, start = [], 0
         for view in prompt.views:
             n = view.positions.numel()
@@ -443,20 +461,31 @@ class Backend:
                 view_rows = rows[:, :, first : first + n]  # a view: no copy of the largest tensor we make
             else:
                 view_rows = rows[:, :, index]
-            maps.append(view_rows.reshape(len(ids), -1, *view.grid))
+            maps.append(view_rows.reshape(rows.shape[0], -1, *view.grid))
             start += n
-        hidden = torch.stack(out.hidden_states[1:])[:, 0, 1:].float()  # (L, T, D), embedding output excluded
+        # (L, T, D), embedding output excluded; layers split over devices (offload) meet on the first one
+        hidden = torch.stack([h[0, 1:].to(rows.device, torch.float32) for h in out.hidden_states[1:]])
         return AnswerAttention(
             answer=answer,
             token_ids=ids,
-            token_spans=spans,
+            token_spans=token_spans,
             maps=maps,
             views=[ImageView(v.name, v.grid, v.box) for v in prompt.views],
             hidden_states=hidden,
             num_layers=self.num_layers,
             num_heads=self.num_heads,
             image_size=prompt.image_size,
+            map_spans=None if spans is None else [tuple(span) for span in spans],
         )
+
+    def answer_token_spans(
+        self, image: Image.Image, history: list[Turn], question: str, answer: str, *,
+        template: str = "chat", answer_start: str = "",
+    ) -> list[tuple[int, int]]:
+        """Character span in `answer` of each answer token, as attend() will tokenize it
+        (no forward pass): what the phrases are matched against before attending."""
+        prompt = self.build_prompt(image, history, question, template, answer_start)
+        return self.answer_tokens(prompt, answer)[1]
 
     def answer_tokens(self, prompt: Prompt, answer: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of `answer` and each token's character span in it.
@@ -472,6 +501,19 @@ class Backend:
         else:
             ids = self.tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"]
         return ids, token_char_spans(self.tokenizer, ids, answer)
+
+
+def span_weights(spans: Sequence[tuple[int, int]], num_tokens: int, first_row: int = 0) -> torch.Tensor:
+    """(P, first_row + T) float32: row p averages tokens [start, end) of span p.
+
+    first_row: leading query rows that belong to no span (attend's last prompt token).
+    """
+    weights = torch.zeros(len(spans), first_row + num_tokens)
+    for p, (start, end) in enumerate(spans):
+        if not 0 <= start < end <= num_tokens:
+            raise ValueError(f"token span {(start, end)} is outside the answer's {num_tokens} tokens")
+        weights[p, first_row + start : first_row + end] = 1.0 / (end - start)
+    return weights
 
 
 def token_char_spans(tokenizer: Any, ids: list[int], text: str) -> list[tuple[int, int]]:

@@ -35,15 +35,23 @@ CAPTURE_IMPLEMENTATION = "flmm_capture"
 
 @dataclass
 class _Recorder:
-    """What one capture collects: layer index by attention-module id, image key columns."""
+    """What one capture collects: layer index by attention-module id, image key columns.
+
+    query_weights: (P, q) float32 or None. When given, each layer's rows are reduced at
+    once to P weighted sums over the queries (e.g. the mean of each phrase's tokens), so
+    only (P, L, H, N) is ever kept instead of (q, L, H, N).
+    """
 
     layer_of_module: dict[int, int]
     key_columns: torch.Tensor  # (N,) long, positions of the image tokens in the full sequence
-    rows: torch.Tensor | None = None  # (q, L, H, N) float32, filled layer by layer
+    query_weights: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # (q or P, L, H, N) float32, filled layer by layer
     seen: set[int] = field(default_factory=set)
 
     def record(self, layer: int, rows: torch.Tensor) -> None:
         """rows: (q, H, N) of one layer."""
+        if self.query_weights is not None:
+            rows = torch.einsum("pq,qhn->phn", self.query_weights.to(rows.device), rows)
         if self.rows is None:
             self.rows = rows.new_empty((rows.shape[0], len(self.layer_of_module), *rows.shape[1:]))
         self.rows[:, layer] = rows
@@ -138,14 +146,18 @@ def install_capture(model: PreTrainedModel, text_config_key: str = "text_config"
 
 
 @contextlib.contextmanager
-def capture_attention(attention_modules: Sequence[torch.nn.Module], key_columns: torch.Tensor) -> Iterator[_Recorder]:
+def capture_attention(
+    attention_modules: Sequence[torch.nn.Module], key_columns: torch.Tensor, query_weights: torch.Tensor | None = None,
+) -> Iterator[_Recorder]:
     """Within the block, forward passes record (q, H, N) rows per decoder layer.
 
     attention_modules[i] is layer i's self-attention; key_columns: (N,) positions of the
-    image tokens in the full (cached prompt + new tokens) sequence.
-    After the block, `stack_rows(recorder)` gives (q, L*H, N) float32.
+    image tokens in the full (cached prompt + new tokens) sequence. query_weights: (P, q),
+    keep only these P weighted sums of the q rows (see _Recorder).
+    After the block, `stack_rows(recorder)` gives (q or P, L*H, N) float32.
     """
-    recorder = _Recorder({id(m): i for i, m in enumerate(attention_modules)}, key_columns.long())
+    weights = None if query_weights is None else query_weights.float()
+    recorder = _Recorder({id(m): i for i, m in enumerate(attention_modules)}, key_columns.long(), weights)
     _ACTIVE.append(recorder)
     try:
         yield recorder
@@ -154,7 +166,7 @@ def capture_attention(attention_modules: Sequence[torch.nn.Module], key_columns:
 
 
 def stack_rows(recorder: _Recorder) -> torch.Tensor:
-    """(q, L*H, N) float32: the recorded rows, channel = layer * H + head."""
+    """(q or P, L*H, N) float32: the recorded rows, channel = layer * H + head."""
     missing = [i for i in range(len(recorder.layer_of_module)) if i not in recorder.seen]
     if missing or recorder.rows is None:
         raise RuntimeError(

@@ -48,7 +48,6 @@ def tile_box(row: int, col: int, rows: int, cols: int, size: tuple[int, int]) ->
 class Idefics3Backend(Backend):
     """Idefics3 / SmolVLM v1: SigLIP tiles + global image, pixel-shuffle connector, Llama decoder."""
 
-    multi_image = False  # not verified with several images: visual CoT asks with the crop alone
     family = "idefics3"
     model_class = Idefics3ForConditionalGeneration
     # The prompt ends with "Assistant:"; the model's answer starts with a space.

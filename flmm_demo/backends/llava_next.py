@@ -53,6 +53,8 @@ class LlavaNextBackend(Backend):
 
     family = "llava_next"
     model_class = LlavaNextForConditionalGeneration
+    # F-LMM's LLaVA-NeXT heads read both grids: the base one resized onto the tiles', then the tiles'.
+    head_input_grids = 2
 
     def flmm_text(self) -> str:
         # F-LMM's LLaVA-NeXT heads used the LLM's own instruction format (xtuner templates).

@@ -1,4 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL (Qwen/Qwen2-VL-*-Instruct, Qwen/Qwen2.5-VL-*-Instruct).
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (Qwen/Qwen2-VL-*-Instruct, Qwen/Qwen2.5-VL-*-Instruct,
+Qwen/Qwen3-VL-*-Instruct).
 
 Image layout: the processor resizes the whole image (aspect kept approximately) to
 sides that are multiples of patch_size * merge_size, cuts it into patch_size patches
@@ -17,7 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    PreTrainedModel,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 
 from flmm_demo.backends.base import Backend, Prompt, ViewTokens
 from flmm_demo.backends.llava import image_positions
@@ -26,7 +32,6 @@ from flmm_demo.backends.llava import image_positions
 class Qwen2VLBackend(Backend):
     """Qwen2-VL: dynamic-resolution ViT, 2x2 patch merger, Qwen2 decoder with M-RoPE."""
 
-    multi_image = False  # not verified with several images: visual CoT asks with the crop alone
     family = "qwen2_vl"
     model_class = Qwen2VLForConditionalGeneration
 
@@ -88,3 +93,13 @@ class Qwen25VLBackend(Qwen2VLBackend):
 
     family = "qwen2_5_vl"
     model_class = Qwen2_5_VLForConditionalGeneration
+
+
+class Qwen3VLBackend(Qwen2VLBackend):
+    """Qwen3-VL: 16 px patches merged 2x2 (one LLM token per 32 px), DeepStack visual features
+    added to the first decoder layers at the image positions (during the prefill only: the
+    answer that follows is text), Qwen3 decoder with interleaved M-RoPE. Same grid and
+    position layout as Qwen2-VL."""
+
+    family = "qwen3_vl"
+    model_class = Qwen3VLForConditionalGeneration

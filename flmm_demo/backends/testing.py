@@ -189,3 +189,66 @@ def tiny_deepseek_vl(seed: int = 0, image_size: int = 32, patch: int = 8) -> tup
         chat_template=DEEPSEEK_CHAT_TEMPLATE,
     )
     return model, processor
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+]
+
+
+def byte_tokenizer(specials: list[str], eos: str, pad: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer without merges (one token per byte) plus special tokens."""
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad, additional_special_tokens=specials)
+
+
+def qwen_tokens() -> tuple[PreTrainedTokenizerFast, dict[str, int]]:
+    """The byte tokenizer with Qwen's chat and vision special tokens, and the config ids they take."""
+    tokenizer = byte_tokenizer(QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
+    ids = dict(zip(QWEN_SPECIALS, tokenizer.convert_tokens_to_ids(QWEN_SPECIALS)))
+    config_ids = dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return tokenizer, config_ids | {
+        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+    }
+
+
+def tiny_qwen3_vl(seed: int = 0, max_tokens: int = 20):
+    """Qwen3-VL-shaped: 16 px patches merged 2x2 (32 px per LLM token, as the released
+    2B/4B/8B), DeepStack features into the first decoder layers, Qwen3 decoder (q/k norms,
+    GQA) with interleaved M-RoPE; at most `max_tokens` image tokens per image."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer, ids = qwen_tokens()
+    special = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    tokens = {k: v for k, v in ids.items() if k not in special}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, initializer_range=0.2,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                         "rope_theta": 5000000.0},
+    ) | special
+    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=32, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    # Qwen3-VL's published preprocessing: patch 16, merge 2, mean = std = 0.5.
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        min_pixels=32 * 32 * 4, max_pixels=32 * 32 * max_tokens,
+    )
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen3VLVideoProcessor(), chat_template=QWEN_CHAT_TEMPLATE)
+    return model, processor

@@ -33,7 +33,7 @@ from segment_anything.modeling import Sam
 
 from flmm_demo.demo_world import scenes as S
 from flmm_demo.demo_world.schedule import BudgetSchedule
-from flmm_demo.heads.training_free import mask_box
+from flmm_demo.geometry import mask_box
 from flmm_demo.heads.sam import (
     SAM_CHECKPOINT_NAMES,
     TINY_SAM,
@@ -43,8 +43,8 @@ from flmm_demo.heads.sam import (
     build_tiny_sam,
     decode_prompts,
 )
-from flmm_demo.metrics import intersection_union
-from flmm_demo.train import bce_dice_per_mask
+from flmm_demo.heads.losses import bce_dice_per_mask
+from flmm_demo.training.metrics import intersection_union
 
 WEIGHTS_NAME = SAM_CHECKPOINT_NAMES["vit_tiny"]
 PROMPT_KINDS = ("box", "mask", "points")  # "mask" is a coarse mask plus its box
@@ -107,7 +107,7 @@ def prompt_loss(sam: Sam, features: torch.Tensor, mask: torch.Tensor, rng: np.ra
     size = mask.shape[-1]
     box = None
     if kind != "points":
-        box = jitter_box(torch.from_numpy(mask_box(mask.numpy() > 0)).float(), rng, size)[None]
+        box = jitter_box(torch.tensor(mask_box(mask.numpy() > 0)).float(), rng, size)[None]
     points = None
     if kind == "points":
         coords, labels = sample_points(mask, rng)

@@ -58,7 +58,8 @@ def load_head(path: str | Path, lmm: LmmShape, device: str | torch.device = "cpu
         head = FlmmHead.from_pretrained(path, device=device)
         head.check_compatible(lmm)
         return head
-    head = load_official_flmm(path, num_layers=lmm.num_layers, num_heads=lmm.num_heads, hidden_size=lmm.hidden_size)
+    head = load_official_flmm(path, num_layers=lmm.num_layers, num_heads=lmm.num_heads, hidden_size=lmm.hidden_size,
+                              input_grids=getattr(lmm, "head_input_grids", 1))
     return head.to(device)
 
 

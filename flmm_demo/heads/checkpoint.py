@@ -57,7 +57,8 @@ def check_fits(state: dict[str, torch.Tensor], config: FlmmHeadConfig) -> None:
     hidden = state["text_proj.weight"].shape[1] if "text_proj.weight" in state else config.hidden_size
     if (channels, layers, hidden) != (config.in_channels, config.num_layers, config.hidden_size):
         expected = describe_lmm(channels, layers, hidden)
-        actual = f"{config.in_channels} ({config.num_layers} x {config.num_heads}, hidden {config.hidden_size})"
+        grids = f" x {config.input_grids} grids" if config.input_grids > 1 else ""
+        actual = f"{config.in_channels} ({config.num_layers} x {config.num_heads}{grids}, hidden {config.hidden_size})"
         raise ValueError(
             f"this head expects {expected} but the model has {actual}; "
             "use the F-LMM checkpoint released for this LMM"
@@ -73,11 +74,13 @@ def load_official_flmm(
     sam_checkpoint: str | Path | None = None,
     sam_variant: str = "vit_l",
     use_refiner: bool = True,
+    input_grids: int = 1,
 ) -> FlmmHead:
     """Load F-LMM's released .pth for an LMM with the given shape; every tensor must fit.
 
     sam_checkpoint: the original SAM checkpoint whose image encoder the refiner expects
     (recorded in the config; build the encoder with SamImageEncoderCache.from_checkpoint).
+    input_grids: 2 for the LLaVA-NeXT heads (base + tile grids, FlmmHeadConfig).
     """
     config = FlmmHeadConfig(
         num_layers=num_layers,
@@ -86,6 +89,7 @@ def load_official_flmm(
         sam_variant=sam_variant,
         use_refiner=use_refiner,
         sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
+        input_grids=input_grids,
     )
     official = read_state_dict(path)
     check_fits(official, config)

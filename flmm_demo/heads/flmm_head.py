@@ -54,6 +54,9 @@ class FlmmHeadConfig:
     sam_variant: 'vit_b' | 'vit_l' | 'vit_h', the SAM image encoder the refiner was trained
     with (F-LMM used vit_l); 'vit_tiny' for the demo world's own small SAM.
     sam_checkpoint: path of that SAM checkpoint when training, if known (informational).
+    input_grids: 1 for one token grid over the whole image (LLaVA-1.5, DeepSeek-VL); 2 for
+        F-LMM's LLaVA-NeXT heads, fed the base grid resized bilinearly onto the tile grid
+        and the tile grid itself, stacked on the channels ([base L*H, tiles L*H]).
     """
 
     num_layers: int
@@ -62,10 +65,11 @@ class FlmmHeadConfig:
     sam_variant: str = "vit_l"
     use_refiner: bool = True
     sam_checkpoint: str | None = None
+    input_grids: int = 1
 
     @property
     def in_channels(self) -> int:
-        return self.num_layers * self.num_heads
+        return self.num_layers * self.num_heads * self.input_grids
 
 
 class LmmShape(Protocol):
@@ -150,7 +154,9 @@ class FlmmHead(nn.Module):
             return []
         grids = []
         for maps in phrase_maps:
-            if not isinstance(view, ImageView):
+            if self.config.input_grids == 2:
+                maps, grid_view = base_and_tiles(maps, view, image_size)
+            elif not isinstance(view, ImageView):
                 maps, grid_view = pick_full_view(maps, view, image_size)
             else:
                 grid_view = view
@@ -227,3 +233,22 @@ def pick_full_view(
         f"none of the views {[v.name for v in views]} covers the whole {width}x{height} image; "
         "an F-LMM head needs one grid over the full image"
     )
+
+
+def base_and_tiles(
+    maps: Sequence[torch.Tensor], views: Sequence[ImageView], image_size: tuple[int, int]
+) -> tuple[torch.Tensor, ImageView]:
+    """F-LMM's LLaVA-NeXT head input: (2*L*H, rows, cols) and the grid it lies on.
+
+    maps / views: [base (L*H, f, f) over the whole image, tiles (L*H, rows, cols)], as the
+    LLaVA-NeXT backend returns them. The base grid is resized bilinearly to the tile grid
+    and put first. F-LMM takes the unpadded tile grid for the image itself (its masks are
+    compared with the image's resized to that grid), so the grid's box is the whole image.
+    """
+    if isinstance(views, ImageView) or len(views) != 2 or not covers_image(views[0].box, image_size):
+        raise ValueError("a two-grid (LLaVA-NeXT) head needs the base view over the whole image and the tiles view")
+    base, tiles = maps
+    resized = F.interpolate(base[None].float(), size=tuple(tiles.shape[-2:]), mode="bilinear")[0]
+    width, height = image_size
+    grid_view = ImageView(views[1].name, views[1].grid, (0.0, 0.0, float(width), float(height)))
+    return torch.cat([resized, tiles.float()], 0), grid_view

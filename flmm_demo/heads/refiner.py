@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flmm_demo.geometry import mask_box, resize_map
 from flmm_demo.heads.sam import (
     LOW_RES_MASK_SIZE,
     RELEASED_SAM,
@@ -116,14 +116,12 @@ def dense_prompt(
     return F.interpolate(x, size=(low_res_size, low_res_size), mode="bilinear")
 
 
-def mask_logits_to_box(unet_logits: torch.Tensor, original_size: tuple[int, int]) -> np.ndarray:
-    """(h, w) logits -> (4,) box [x0, y0, x1 + 1, y1 + 1] of sigmoid > 0.5 at the original (H, W).
+def mask_logits_to_box(unet_logits: torch.Tensor, original_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(h, w) logits -> box (x0, y0, x1, y1), x1/y1 exclusive, of sigmoid > 0.5 at the original (H, W).
 
     The whole image when nothing is above 0.5.
     """
-    probs = F.interpolate(unet_logits[None, None].float().sigmoid(), size=original_size, mode="bilinear")[0, 0]
-    ys, xs = torch.where(probs > 0.5)
-    if len(ys) == 0:
-        height, width = original_size
-        return np.array([0.0, 0.0, width, height])
-    return np.array([xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1], dtype=np.float64)
+    height, width = original_size
+    probs = resize_map(unet_logits.detach().float().sigmoid(), (width, height))
+    box = mask_box(probs > 0.5)
+    return (0, 0, width, height) if box is None else box

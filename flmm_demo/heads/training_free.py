@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import torch
 
+from flmm_demo.geometry import mask_box
 from flmm_demo.heads.sam import decode_prompts
 from flmm_demo.types import AnswerAttention
 
@@ -35,11 +36,13 @@ class SamPrompts:
 
     points: np.ndarray
     labels: np.ndarray
-    box: np.ndarray | None
+    box: tuple[int, int, int, int] | None
 
 
 def answer_baseline(attention: AnswerAttention) -> list[torch.Tensor]:
     """Per view (L*H, rows, cols): the mean attention of all answer tokens, the bias reference."""
+    if attention.map_spans is not None:  # only span means were kept: the whole answer is one of them
+        return attention.phrase_maps((0, len(attention.token_ids)))
     return [m.mean(0) for m in attention.maps]
 
 
@@ -93,17 +96,16 @@ def attention_heatmap(
     return heat / heat.max().clamp(min=1e-12)
 
 
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """The threshold that maximises the between-class variance of `values` (Otsu, 1979)."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(hist)
-    weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(hist * centres)
-    mean_low = sum_low / np.maximum(weight_low, 1)
-    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(edges[int(np.argmax(between)) + 1])
+def _otsu_mask(heat: np.ndarray) -> np.ndarray:
+    """(H, W) float -> (H, W) bool: above the threshold of Otsu's method on 256 equal bins
+    between the heat map's minimum and maximum."""
+    low, high = float(heat.min()), float(heat.max())
+    if high <= low:
+        return np.ones(heat.shape, dtype=bool)
+    # Bin index of each value, as np.histogram(heat, bins=256) counts them.
+    bins = np.minimum((heat - low) / (high - low) * 256, 255).astype(np.uint8)
+    _, mask = cv2.threshold(bins, 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    return mask.astype(bool)
 
 
 def threshold_mask(
@@ -125,12 +127,11 @@ def threshold_mask(
     if peak <= 0:
         return np.zeros(heat.shape, dtype=bool)
     if method == "otsu":
-        threshold = otsu_threshold(heat)
+        mask = _otsu_mask(heat)
     elif method == "relative":
-        threshold = relative * peak
+        mask = heat >= min(relative, 1.0) * peak
     else:
         raise ValueError(f"unknown threshold method {method!r}; use 'otsu' or 'relative'")
-    mask = heat >= min(threshold, peak)
     if components <= 0:
         return mask
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
@@ -139,14 +140,6 @@ def threshold_mask(
     areas = stats[1:, cv2.CC_STAT_AREA]
     keep = 1 + np.argsort(-areas)[:components]
     return np.isin(labels, keep)
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray | None:
-    """(4,) [x0, y0, x1 + 1, y1 + 1] of a bool mask, or None when it is empty."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
 
 
 def heatmap_to_prompts(

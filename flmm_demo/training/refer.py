@@ -62,7 +62,6 @@ class ReferObject:
     ref_id: str
     sentences: tuple[str, ...]
     mask_source: MaskSource
-    category: str = ""
 
     def expressions(self, protocol: Protocol | None = None) -> tuple[str, ...]:
         """The sentences a protocol scores: all of them ('every', None) or the first ('first')."""
@@ -177,7 +176,7 @@ def open_refer(
         return _open_png_layout(data, split, images)
     raise FileNotFoundError(
         f"{data} holds neither instances.json + refs(*).p (refer layout) nor "
-        "expressions.json / expressions.csv (PNG-mask layout); see flmm_demo/refer.py for both formats"
+        "expressions.json / expressions.csv (PNG-mask layout); see flmm_demo/training/refer.py for both formats"
     )
 
 
@@ -218,7 +217,6 @@ def _open_refer_layout(data: Path, split: str, images: str | Path | None, split_
         coco = json.load(f)
     anns = {a["id"]: a for a in coco["annotations"]}
     image_info = {i["id"]: i for i in coco["images"]}
-    categories = {c["id"]: c["name"] for c in coco.get("categories", [])}
 
     by_image: dict[int, list[ReferObject]] = {}
     for ref in refs:
@@ -230,7 +228,6 @@ def _open_refer_layout(data: Path, split: str, images: str | Path | None, split_
             ref_id=str(ref["ref_id"]),
             sentences=sentences,
             mask_source=ann["segmentation"],
-            category=categories.get(ref.get("category_id", ann.get("category_id")), ""),
         )
         by_image.setdefault(ref["image_id"], []).append(obj)
 

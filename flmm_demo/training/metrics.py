@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from flmm_demo.refer import PROTOCOL_LABELS
+from flmm_demo.training.refer import PROTOCOL_LABELS
 
 
 def intersection_union(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> tuple[int, int]:
@@ -22,6 +22,11 @@ def intersection_union(pred: np.ndarray | torch.Tensor, target: np.ndarray | tor
     if pred.shape != target.shape:
         raise ValueError(f"prediction {pred.shape} and target {target.shape} differ in size; resize the prediction")
     return int(np.logical_and(pred, target).sum()), int(np.logical_or(pred, target).sum())
+
+
+def expression_iou(intersection: int, union: int) -> float:
+    """One expression's IoU; an empty prediction on an empty target counts 1."""
+    return intersection / union if union > 0 else 1.0
 
 
 def _as_bool(mask: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -52,7 +57,8 @@ class SegmentationScores:
 class IoUAccumulator:
     """Collects per-expression intersections and unions; `scores()` gives cIoU and gIoU.
 
-    Accumulators from several processes combine with `merge` (sums are exact).
+    Counts scored by several processes combine exactly with `add_counts` per gathered
+    expression. Never average per-process cIoUs: cIoU is a ratio of sums.
     """
 
     def __init__(self, protocol: str) -> None:
@@ -64,22 +70,16 @@ class IoUAccumulator:
 
     def add(self, pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> float:
         """Score one expression's predicted mask (H, W) against its target (H, W); returns its IoU."""
-        inter, union = intersection_union(pred, target)
-        iou = inter / union if union > 0 else 1.0
-        self.intersection += inter
+        return self.add_counts(*intersection_union(pred, target))
+
+    def add_counts(self, intersection: int, union: int) -> float:
+        """Add one expression's pixel counts (e.g. scored by another process); returns its IoU."""
+        iou = expression_iou(intersection, union)
+        self.intersection += intersection
         self.union += union
         self.iou_sum += iou
         self.n += 1
         return iou
-
-    def merge(self, other: IoUAccumulator) -> None:
-        """Add another accumulator's counts (e.g. from another GPU) to this one."""
-        if other.protocol != self.protocol:
-            raise ValueError(f"cannot merge scores of protocol {other.protocol!r} into {self.protocol!r}")
-        self.intersection += other.intersection
-        self.union += other.union
-        self.iou_sum += other.iou_sum
-        self.n += other.n
 
     def scores(self) -> SegmentationScores:
         if self.n == 0:
