@@ -253,3 +253,19 @@ def test_the_tried_wide_round_is_made_of_commands_that_parse():
     assert build_parser().parse_args(list(data.args)).wide_train == 300
     args = head_parser.parse_args(list(head.args[1:]))
     assert args.model == lmm.out and str(args.data) == data.out and str(args.sam) == recipe.FINAL_SAM
+
+
+@pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
+def test_the_app_with_the_demo_model_lists_shapes_first_and_flags_an_uploaded_photo(tmp_path):
+    from PIL import Image
+
+    from flmm_demo import ui
+    from flmm_demo.grounder import Grounder
+
+    app = ui.DemoApp(ui.ModelPool(Grounder.from_preset("demo-shapes"), Grounder.from_preset), tmp_path)
+    assert [Path(p).name for p in app.example_paths[:3]] == ["shapes_2.png", "shapes_24.png", "shapes_8.png"]
+    state = ui.UIState()
+    status = app._start(state, Image.open(REPO / "assets" / "cat.jpg"))[app.status]
+    assert "This looks like a photo" in status and "real preset" in status and "\n" not in status
+    status = app._start(state, S.make_scene(3).pil())[app.status]
+    assert status.startswith("New conversation") and "photo" not in status
