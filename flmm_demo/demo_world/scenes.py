@@ -4,7 +4,8 @@ A scene is 2-5 shapes (6-7 in the held-out mode) on a textured background. The w
 world (`wide=True`) draws what users draw: any rotation, sizes tiny to large, white,
 black, tinted, gradient, noisy or textured backgrounds, filled and outlined shapes,
 JPEG artefacts, aspect ratios up to 2:1 and 1-7 shapes that may overlap; the classic
-world stays exactly as it was, seed for seed. Everything is deterministic given a seed. The same module writes the text the tiny LMM learns
+world stays exactly as it was, seed for seed. Everything is deterministic given a seed.
+The same module writes the text the tiny LMM learns
 (descriptions, questions and answers, referring expressions) and a RefCOCO-style
 dataset folder so the grounding code reads it like the real thing.
 
@@ -574,12 +575,15 @@ def short_question_segments(scene: Scene, rng: np.random.Generator) -> list[tupl
     colours = [o.colour for o in objs]
     for k, obj in enumerate(objs):  # shape: named by its colour alone
         if colours.count(obj.colour) == 1:
-            template = _pick(rng, ["what shape is the {} one?", "what shape is the {} object?", "what is the {} shape?"])
+            template = _pick(rng, ["what shape is the {} one?", "what shape is the {} object?",
+                                   "what is the {} shape?"])
             out.append(("shape", template.format(obj.colour), [(obj.shape, k, k)]))
     n = len(objs)
-    out.append(("count", _pick(rng, ["how many shapes are there?", "how many objects are there?"]), [(NUMBERS[n], None, None)]))
+    everything = _pick(rng, ["how many shapes are there?", "how many objects are there?"])
+    out.append(("count", everything, [(NUMBERS[n], None, None)]))
     shape = _pick(rng, list(SHAPES))
-    out.append(("count", f"how many {PLURALS[shape]} are there?", [(NUMBERS[sum(o.shape == shape for o in objs)], None, None)]))
+    out.append(("count", f"how many {PLURALS[shape]} are there?",
+                [(NUMBERS[sum(o.shape == shape for o in objs)], None, None)]))
     colour = _pick(rng, list(COLOURS))
     out.append(("count", f"how many {colour} shapes are there?",
                 [(NUMBERS[sum(o.colour == colour for o in objs)], None, None)]))
@@ -596,7 +600,8 @@ def short_question_segments(scene: Scene, rng: np.random.Generator) -> list[tupl
     present = any((o.colour, o.shape) == (colour, shape) for o in objs)
     out.append(("yes/no", f"is there a {colour} {shape}?", [("yes" if present else "no", None, None)]))
     shape = _pick(rng, list(SHAPES))
-    out.append(("yes/no", f"are there any {PLURALS[shape]}?", [("yes" if any(o.shape == shape for o in objs) else "no", None, None)]))
+    any_there = any(o.shape == shape for o in objs)
+    out.append(("yes/no", f"are there any {PLURALS[shape]}?", [("yes" if any_there else "no", None, None)]))
     for i, obj in enumerate(objs):
         plain = [r for r in refs[i] if obj.colour not in r[0].split()]
         if plain and rng.random() < 0.5:
