@@ -2,6 +2,10 @@
 
     python benchmarks/eval_demo_world.py                       # ~10 min on a busy 2-core CPU
     python benchmarks/eval_demo_world.py --scenes 100 --crowded-scenes 40 --phrase-scenes 100   # tighter
+    python benchmarks/eval_demo_world.py --scenes 0 --crowded-scenes 0 --phrase-scenes 0 --lmm-scenes 0   # variation set only
+
+The ~10 min were measured before the variation set (part 4) was added; it adds its own
+time (--variation-scenes 0 --variation-lmm-scenes 0 skip it).
 
 Everything is measured on scenes generated here from --seed (default 1000), a seed the
 shipped LMM (scenes of seeds 100-105) and head (seed 1) never saw:
