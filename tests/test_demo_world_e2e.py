@@ -52,10 +52,11 @@ def _shipped() -> bool:
 
 
 def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tmp_path):
+    from flmm_demo.demo_world.lmm import LmmTrainConfig
     from flmm_demo.demo_world.lmm import train as train_lmm
 
     torch.manual_seed(0)
-    train_lmm(tmp_path / "lmm", seed=0, tiny=True, log=lambda _: None)
+    train_lmm(LmmTrainConfig(tmp_path / "lmm", seed=0, tiny=True), log=lambda _: None)
     write_refer_dataset(tmp_path / "data", 3, seed=1, split="train")
 
     config = train.TrainConfig(
