@@ -17,11 +17,12 @@ The whole flow of one grounding is `Session.ground`: attention of the answer (ba
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from PIL import Image
 from .backends import Backend, load_backend
 from .devices import LoadOptions
 from .geometry import mask_box, resize_map, resize_mask, views_to_image
-from .heads import load_head, load_sam
+from .heads import FlmmHead, SamImageEncoderCache, load_head, load_sam
 from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_mask
 from .images import fit_for_model, load_image
 from .phrases import extract_phrases, phrases_from_spans
@@ -38,7 +39,8 @@ from .presets import require_weights
 from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
 
 MAX_QUESTION_CHARS = 2000
-MODES = ("auto", "head", "training_free")
+Mode = Literal["auto", "head", "training_free"]
+MODES: tuple[Mode, ...] = ("auto", "head", "training_free")
 
 VCOT_HINT = "First think which object in this image is most relevant to the question."
 VCOT_LEAD = "The object most relevant to the question is"
@@ -58,7 +60,7 @@ class ModelInfo:
     has_sam: bool
 
     @property
-    def modes(self) -> list[str]:
+    def modes(self) -> list[Mode]:
         return ["head", "training_free"] if self.has_head else ["training_free"]
 
 
@@ -71,6 +73,19 @@ class VisualCoT:
     crop_box: tuple[int, int, int, int]
     crop: Image.Image
     answer: str
+
+
+@dataclass(frozen=True)
+class TextGrounding:
+    """Typed words, grounded: every occurrence of them in the last answer, or one expression.
+
+    in_answer: the words occur in the answer, so each occurrence was grounded with the
+    attention the model paid while writing it; else they were grounded as a referring
+    expression on their own.
+    """
+
+    grounded: tuple[GroundedPhrase, ...]
+    in_answer: bool
 
 
 def check_question(question: str) -> str:
@@ -93,7 +108,8 @@ class Grounder:
     sam: a SAM image-encoder cache used by the refiner and the training-free path (or None).
     """
 
-    def __init__(self, backend: Backend, head: Any = None, sam: Any = None, *, info: ModelInfo | None = None):
+    def __init__(self, backend: Backend, head: FlmmHead | None = None, sam: SamImageEncoderCache | None = None, *,
+                 info: ModelInfo | None = None):
         self.backend = backend
         self.head = head
         self.sam = sam
@@ -160,9 +176,22 @@ class Grounder:
     def visual_cot(self, question: str, **kw: Any) -> VisualCoT:
         return self._current().visual_cot(question, **kw)
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` the model's tokenizer cannot spell (they become its unknown token).
+
+        A mask of such words shows what the model makes of noise, however sure it looks.
+        Byte-level tokenizers spell every word, so this is empty for them.
+        """
+        tokenizer = getattr(self.backend, "tokenizer", None)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is None:
+            return []
+        words = re.findall(r"\w+", text)
+        return [w for w in words if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+
     # ----------------------------------------------------------- the grounding
     def segment(
-        self, attention: AnswerAttention, phrases: Sequence[Phrase], *, mode: str = "auto",
+        self, attention: AnswerAttention, phrases: Sequence[Phrase], *, mode: Mode = "auto",
         refine: bool = True, sam_embedding: Any = None,
     ) -> list[GroundedPhrase]:
         """One mask per phrase, at the size of the image the backend saw.
@@ -273,6 +302,21 @@ class Session:
     def clear(self) -> None:
         self.history.clear()
 
+    def close(self) -> None:
+        """Release what this session holds: its SAM embedding (also from the shared cache), images, chat.
+
+        The session cannot be used afterwards; a long-running server calls this when a
+        user leaves so memory does not grow with every visitor.
+        """
+        if self._sam_job is not None:
+            self._sam_job.cancel()
+            release = getattr(self.grounder.sam, "release", None)
+            if release is not None:
+                release(self._sam_job)
+        self._sam_job = None
+        self.image = self.model_image = None
+        self.history = []
+
     def sam_status(self) -> str:
         if self._sam_job is None:
             return "off"
@@ -284,7 +328,7 @@ class Session:
     # -------------------------------------------------------------- grounding
     def ground(
         self, answer: str | None = None, *, spans: Sequence[tuple[int, int]] | None = None,
-        mode: str = "auto", refine: bool = True,
+        mode: Mode = "auto", refine: bool = True,
     ) -> list[GroundedPhrase]:
         """Ground the noun phrases (or the given character spans) of an answer.
 
@@ -313,7 +357,7 @@ class Session:
                                              sam_embedding=self._sam_embedding(refine))
         return [self._full_size(g) for g in grounded]
 
-    def ground_expression(self, expression: str, *, mode: str = "auto", refine: bool = True) -> GroundedPhrase:
+    def ground_expression(self, expression: str, *, mode: Mode = "auto", refine: bool = True) -> GroundedPhrase:
         """Mask of a typed referring expression, teacher-forced as F-LMM evaluates."""
         expression = check_question(expression)
         backend = self.grounder.backend
@@ -326,7 +370,19 @@ class Session:
                                                 sam_embedding=self._sam_embedding(refine))
         return self._full_size(grounded)
 
-    def visual_cot(self, question: str, *, max_new_tokens: int = 256, mode: str = "auto",
+    def ground_text(self, text: str, *, mode: Mode = "auto", refine: bool = True) -> TextGrounding:
+        """Ground typed words: each place they occur in the last answer, else as an expression.
+
+        Words of the answer keep the attention the model paid while writing them, so "the
+        circle" typed after "a square and the circle" grounds that circle, not a new reading.
+        """
+        text = check_question(text)
+        spans = find_spans(self.history[-1].assistant, text) if self.history else []
+        if spans:
+            return TextGrounding(tuple(self.ground(spans=spans, mode=mode, refine=refine)), in_answer=True)
+        return TextGrounding((self.ground_expression(text, mode=mode, refine=refine),), in_answer=False)
+
+    def visual_cot(self, question: str, *, max_new_tokens: int = 256, mode: Mode = "auto",
                    refine: bool = True) -> VisualCoT:
         """Ground the object most relevant to the question, crop it, and ask again (flmm.md 8):
         with the whole image and the crop when the backend takes several images and both
@@ -380,6 +436,17 @@ class Session:
         mask = resize_mask(g.mask, self.image.size)
         return GroundedPhrase(g.phrase, mask, mask_box(mask), g.score, resize_map(g.heatmap, self.image.size))
 
+
+def find_spans(answer: str, words: str) -> list[tuple[int, int]]:
+    """Character spans of every occurrence of `words` in `answer`, whole words only,
+    ignoring case and runs of whitespace; [] when they do not occur."""
+    words = words.strip()
+    if not words:
+        return []
+    pattern = r"\s+".join(re.escape(w) for w in words.split())
+    # Whole words: "red" is not found inside "reddish" (word edges only where the text has one).
+    pattern = (r"\b" if re.match(r"\w", words) else "") + pattern + (r"\b" if re.search(r"\w$", words) else "")
+    return [(m.start(), m.end()) for m in re.finditer(pattern, answer, flags=re.IGNORECASE)]
 
 def grounding_spans(phrases: Sequence[Phrase], num_tokens: int) -> list[tuple[int, int]]:
     """The answer-token spans grounding reads: each phrase's, then the whole answer (the

@@ -56,7 +56,30 @@ def palette(n: int) -> list[RGB]:
 
 def hex_colors(n: int) -> list[str]:
     """The same colours as `palette(n)`, as '#rrggbb' strings (for HTML and Gradio)."""
-    return ["#{:02x}{:02x}{:02x}".format(*c) for c in palette(n)]
+    return [hex_color(c) for c in palette(n)]
+
+
+def hex_color(color: RGB) -> str:
+    """'#rrggbb' of an (r, g, b) colour."""
+    return "#{:02x}{:02x}{:02x}".format(*color)
+
+
+def contrasting_color(image: Image.Image, mask: np.ndarray, taken: Sequence[RGB] = ()) -> RGB:
+    """The palette colour that stands out best on the pixels under `mask`.
+
+    A green mask on a green triangle hides the triangle; this picks, among the hand-picked
+    colours not in `taken` (the other masks' colours), the first one far from the mean
+    colour under the mask, else the farthest one. image: (W, H) PIL; mask: (H, W) bool.
+    """
+    mask = _check_mask(mask, image.size)
+    under = _as_rgb_array(image)[mask].mean(0) if mask.any() else np.full(3, 128.0, np.float32)
+    free = [c for c in _BASE_COLORS if c not in taken] or list(_BASE_COLORS)
+    distance = [float(np.linalg.norm(np.asarray(c, np.float32) - under)) for c in free]
+    # Far enough to read at a glance; palette order keeps the usual colours first.
+    return next((c for c, d in zip(free, distance) if d >= _CONTRAST), free[int(np.argmax(distance))])
+
+
+_CONTRAST = 150.0  # RGB distance (of 441 max) between a mask colour and the pixels under it
 
 
 def _as_rgb_array(image: Image.Image) -> np.ndarray:
@@ -127,6 +150,25 @@ def heatmap_overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.6)
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
 
 
+def heatmap_tiles(image: Image.Image, heatmaps: Sequence[np.ndarray], labels: Sequence[str],
+                  colors: Sequence[RGB], tile_side: int = 320, columns: int = 3) -> Image.Image:
+    """Every phrase's raw attention side by side: one `heatmap_overlay` tile per heat map,
+    at most `tile_side` px a side, each captioned with its label beside a swatch of its colour."""
+    if not heatmaps:
+        raise ValueError("no heat maps to tile")
+    scale = min(1.0, tile_side / max(image.size))
+    small = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    tiles = [with_legend(heatmap_overlay(small, h), [label], [color])
+             for h, label, color in zip(heatmaps, labels, colors)]
+    width, height = tiles[0].size
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    out = Image.new("RGB", (columns * width + (columns - 1) * 4, rows * height + (rows - 1) * 4), "white")
+    for i, tile in enumerate(tiles):
+        out.paste(tile, ((i % columns) * (width + 4), (i // columns) * (height + 4)))
+    return out
+
+
 def legend(labels: Sequence[str], colors: Sequence[RGB], width: int = 320) -> Image.Image:
     """A small white image listing each label beside a swatch of its colour."""
     font = ImageFont.load_default()
@@ -182,33 +224,41 @@ def mask_file_name(index: int, phrase: str) -> str:
     return f"{index:02d}_{slug(phrase)}.png"
 
 
-def export_png_zip(image: Image.Image, grounded: Sequence[GroundedPhrase], path: str | Path) -> Path:
+def export_png_zip(image: Image.Image, grounded: Sequence[GroundedPhrase], path: str | Path,
+                   colors: Sequence[RGB] | None = None, overlay_image: Image.Image | None = None) -> Path:
     """Write a zip of one binary PNG per phrase (255 = inside) plus the coloured overlay.
 
     Files: `NN_<phrase>.png` (mode 'L', image size), `overlay.png`, `phrases.json`
-    (index, phrase, file, colour, box, score). Returns the zip's path.
+    (index, phrase, file, colour, box, score). colors: one per phrase (default
+    `palette(len(grounded))`). overlay_image: an overlay already drawn (the app's
+    display-size one), stored as overlay.png instead of drawing one at full size, which
+    takes seconds on a 30-megapixel photo. Returns the zip's path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    colors = palette(len(grounded))
+    colors = palette(len(grounded)) if colors is None else list(colors)
+    if len(colors) != len(grounded):
+        raise ValueError(f"got {len(grounded)} phrases but {len(colors)} colours")
     index = []
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for i, (g, color) in enumerate(zip(grounded, colors)):
             mask = _check_mask(g.mask, image.size)
             name = mask_file_name(i, g.phrase.text)
             buf = io.BytesIO()
-            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
+            # Level 1: a binary mask compresses almost as well, several times faster.
+            Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG", compress_level=1)
             zf.writestr(name, buf.getvalue())
             index.append({
                 "index": i,
                 "phrase": g.phrase.text,
                 "file": name,
-                "color": "#{:02x}{:02x}{:02x}".format(*color),
+                "color": hex_color(color),
                 "box": list(g.box) if g.box is not None else None,
                 "score": float(g.score),
             })
         buf = io.BytesIO()
-        overlay(image, [g.mask for g in grounded], colors).save(buf, format="PNG")
+        drawn = overlay_image if overlay_image is not None else overlay(image, [g.mask for g in grounded], colors)
+        drawn.save(buf, format="PNG")
         zf.writestr("overlay.png", buf.getvalue())
         zf.writestr("phrases.json", json.dumps(index, indent=2))
     return path

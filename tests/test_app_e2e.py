@@ -24,7 +24,8 @@ from PIL import Image
 from flmm_demo import render
 from flmm_demo.demo_world.scenes import make_scene
 from flmm_demo.types import GroundedPhrase, Phrase
-from flmm_demo.ui import Item, find_span, highlighted, item_label
+from flmm_demo.grounder import find_spans
+from flmm_demo.ui_state import Item, highlighted, item_label
 
 CHROMIUM = "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,19 +38,20 @@ ALPHA = 0.55  # the app's default mask opacity
 def test_answer_is_cut_into_coloured_phrases():
     answer = "a red cross, a big purple circle and a yellow square."
     phrases = [(0, 11), (13, 32), (37, 52)]
-    items = [Item(item_label(i, answer[a:b]), _grounded(answer[a:b], (a, b)), True) for i, (a, b) in enumerate(phrases)]
-    items.append(Item(item_label(3, "the cat"), _grounded("the cat", (0, 7)), False))  # typed, not in the answer
+    items = [_item(i, answer[a:b], (a, b), True) for i, (a, b) in enumerate(phrases)]
+    items.append(_item(3, "the cat", (0, 7), False))  # typed, not in the answer
     segments = highlighted(answer, items)
     assert "".join(text for text, _ in segments) == answer
     assert [label for _, label in segments if label] == ["1. a red cross", "2. a big purple circle", "3. a yellow square"]
-    assert find_span(answer, "Big  PURPLE circle") == (15, 32)
-    assert find_span(answer, "a green cross") is None
+    assert find_spans(answer, "Big  PURPLE circle") == [(15, 32)]
+    assert find_spans(answer, "a green cross") == []
     assert item_label(0, "word " * 30).endswith("…") and len(item_label(0, "word " * 30)) <= 43
 
 
-def _grounded(text: str, span: tuple[int, int]) -> GroundedPhrase:
+def _item(index: int, text: str, span: tuple[int, int], in_answer: bool) -> Item:
     mask = np.zeros((4, 4), bool)
-    return GroundedPhrase(Phrase(text, span, (0, 1)), mask, None, 0.0, mask.astype(np.float32))
+    grounded = GroundedPhrase(Phrase(text, span, (0, 1)), mask, None, 0.0, mask.astype(np.float32))
+    return Item(item_label(index, text), (0, 0, 0), grounded, render.mask_to_rle(mask), None, in_answer)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +203,11 @@ def test_ask_click_phrase_and_download(browser, app_url, engine, tmp_path):
     phrases = page.locator("#answer .token.highlighted")
     texts = [phrases.nth(i).inner_text().strip() for i in range(phrases.count())]
     assert texts == [g.phrase.text for g in expected], "the highlighted phrases are not the grounded ones"
-    for i, (r, g, b) in enumerate(render.palette(len(texts))):
+    # Each mask gets the palette colour that contrasts with the pixels under it; the phrase wears it too.
+    colours: list[tuple[int, int, int]] = []
+    for g in expected:
+        colours.append(render.contrasting_color(Image.fromarray(scene.image), g.mask, colours))
+    for i, (r, g, b) in enumerate(colours):
         style = phrases.nth(i).get_attribute("style") or ""
         assert f"rgba({r}, {g}, {b}" in style, f"phrase {texts[i]!r} is not in its mask colour: {style}"
 
@@ -215,7 +221,7 @@ def test_ask_click_phrase_and_download(browser, app_url, engine, tmp_path):
 
     width, height = scene.size
     assert _shown_size(page) == (width, height)
-    masked = _painted(_shown_image(page), scene.image.astype(np.float32), render.palette(len(texts))[index])
+    masked = _painted(_shown_image(page), scene.image.astype(np.float32), colours[index])
     mask = expected[index].mask
     # The screenshot's outermost pixels are resampled edges of the element, not the picture.
     inner = (slice(2, -2), slice(2, -2))
@@ -298,4 +304,28 @@ def test_visual_chain_of_thought_shows_object_crop_and_both_answers(browser, app
     assert f"crop box ({x0}, {y0}, {x1}, {y1})" in panel
     if os.environ.get("FLMM_SCREENSHOTS"):  # refreshes the README's screenshot
         page.screenshot(path=str(ROOT / "docs" / "app_visual_cot.png"), full_page=True)
+    context.close()
+
+
+def test_opacity_typed_or_arrowed_redraws_and_the_image_box_x_ends_the_session(browser, app_url):
+    context, page = _open(browser, app_url)
+    _upload(page, ROOT / "assets" / f"shapes_{OTHER_SEED}.png")
+    _ask(page, "Describe the image.")
+
+    def redrawn_after(action) -> None:
+        before = page.locator("#mask-view img").get_attribute("src")
+        action()
+        page.wait_for_function("s => document.querySelector('#mask-view img')?.getAttribute('src') !== s",
+                               arg=before, timeout=30_000)
+
+    box = page.locator("#alpha input[type=number]")
+    redrawn_after(lambda: (box.fill("0.95"), box.press("Enter")))
+    slider = page.locator("#alpha input[type=range]")
+    redrawn_after(lambda: (slider.focus(), slider.press("ArrowLeft")))
+
+    page.locator("#image-in button[aria-label*='lear'], #image-in button[aria-label*='emove']").first.click()
+    _wait_status(page, r"Image removed")
+    page.locator("#question textarea").fill("Describe the image.")
+    page.locator("#ask").click()
+    _wait_status(page, r"The image was removed: upload an image")
     context.close()

@@ -261,11 +261,14 @@ def test_the_app_with_the_demo_model_lists_shapes_first_and_flags_an_uploaded_ph
 
     from flmm_demo import ui
     from flmm_demo.grounder import Grounder
+    from flmm_demo.ui_callbacks import Callbacks
+    from flmm_demo.ui_state import ModelPool, SessionRegistry, UIState
 
-    app = ui.DemoApp(ui.ModelPool(Grounder.from_preset("demo-shapes"), Grounder.from_preset), tmp_path)
-    assert [Path(p).name for p in app.example_paths[:3]] == ["shapes_2.png", "shapes_24.png", "shapes_8.png"]
-    state = ui.UIState()
-    status = app._start(state, Image.open(REPO / "assets" / "cat.jpg"))[app.status]
+    assert [Path(p).name for p in ui.example_paths()[:3]] == ["shapes_2.png", "shapes_24.png", "shapes_8.png"]
+    callbacks = Callbacks(ModelPool(Grounder.from_preset("demo-shapes"), Grounder.from_preset), SessionRegistry(4),
+                          tmp_path, ui.example_paths(), math.inf)
+    state = UIState()
+    status = callbacks._start(state, Image.open(REPO / "assets" / "cat.jpg"), None)["status"]
     assert "This looks like a photo" in status and "real preset" in status and "\n" not in status
-    status = app._start(state, S.make_scene(3).pil())[app.status]
+    status = callbacks._start(state, S.make_scene(3).pil(), None)["status"]
     assert status.startswith("New conversation") and "photo" not in status

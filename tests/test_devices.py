@@ -137,17 +137,18 @@ def test_grounder_and_cli_name_every_missing_piece_at_once(empty_checkpoints, ca
 
 
 def test_app_switch_to_a_missing_preset_says_what_to_do_and_stays(monkeypatch, tmp_path):
-    from flmm_demo.ui import DemoApp, ModelPool, UIState
+    from flmm_demo.ui_callbacks import Callbacks
+    from flmm_demo.ui_state import ModelPool, SessionRegistry, UIState
 
     default = Grounder.from_preset("demo-shapes")
-    app = DemoApp(ModelPool(default), export_dir=tmp_path / "exports")
+    app = Callbacks(ModelPool(default), SessionRegistry(4), tmp_path / "exports", [], session_ttl_s=1800)
     monkeypatch.setenv("FLMM_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     started = time.monotonic()
     out = app.on_preset("llava-1.5-7b", UIState())
     assert time.monotonic() - started < 2
-    assert out[app.preset] == "demo-shapes"
-    status = out[app.status]
+    assert out["preset"] == "demo-shapes"
+    status = out["status"]
     assert status.startswith("Stayed on `demo-shapes`")
     assert "F-LMM head" in status and "SAM vit_l" in status and "python -m flmm_demo download llava-1.5-7b" in status

@@ -164,3 +164,21 @@ def test_a_one_pixel_image_is_grounded_at_its_size(backend, head):
     session = Grounder(backend, head).new_session(Image.new("RGB", (1, 1), (200, 30, 30)))
     grounded = session.ground(ANSWER)
     assert grounded and all(g.mask.shape == (1, 1) for g in grounded)
+
+
+def test_typed_words_are_grounded_at_every_place_in_the_answer_else_as_an_expression(backend, head):
+    from flmm_demo.grounder import find_spans
+    from flmm_demo.types import Turn
+
+    session = Grounder(backend, head).new_session(scene())
+    answer = "A red mat, a dog and another Red  mat; reddish mats."
+    session.history.append(Turn("What is here?", answer))
+    typed = session.ground_text("red mat")
+    assert typed.in_answer
+    assert [g.phrase.char_span for g in typed.grounded] == [(2, 9), (29, 37)]
+    assert all(g.mask.shape == (64, 96) for g in typed.grounded)
+    other = session.ground_text("the blue sky")
+    assert not other.in_answer and [g.phrase.text for g in other.grounded] == ["the blue sky"]
+    assert find_spans(answer, "red") == [(2, 5), (29, 32)]  # not inside "reddish"
+    with pytest.raises(ValueError, match="empty"):
+        session.ground_text("  ")

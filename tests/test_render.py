@@ -126,3 +126,38 @@ def test_with_legend_adds_a_swatch_row_per_label():
     arr = np.asarray(out)[30:]
     for color in colors:
         assert (arr == color).all(axis=-1).any()
+
+
+def test_mask_colours_contrast_with_the_pixels_under_them():
+    green = (60, 180, 75)
+    array = np.full((30, 40, 3), 128, np.uint8)
+    array[5:15, 3:13] = green  # a green square
+    image = Image.fromarray(array)
+    _, square, disc = _scene()
+    first = render.contrasting_color(image, square)
+    assert first != green and first in render.palette(10)
+    assert np.linalg.norm(np.subtract(first, green)) >= 150
+    second = render.contrasting_color(image, disc, taken=[first])
+    assert second != first  # another mask's colour is not reused while others are free
+
+
+def test_zip_export_with_chosen_colours_and_a_drawn_overlay(tmp_path):
+    image, square, disc = _scene()
+    grounded = [_grounded("a red square", square), _grounded("the disc", disc, 20)]
+    colours = [(0, 130, 200), (245, 130, 48)]
+    shown = Image.new("RGB", (20, 15), (1, 2, 3))  # the app's display-size overlay
+    path = render.export_png_zip(image, grounded, tmp_path / "masks.zip", colours, overlay_image=shown)
+    with zipfile.ZipFile(path) as zf:
+        with zf.open("overlay.png") as f:
+            assert Image.open(f).size == (20, 15)
+        index = json.loads(zf.read("phrases.json"))
+        with zf.open("00_a_red_square.png") as f:
+            assert ((np.asarray(Image.open(f)) == 255) == square).all()  # the masks stay full size
+    assert [e["color"] for e in index] == ["#0082c8", "#f58230"]
+
+
+def test_heatmap_tiles_put_every_map_side_by_side():
+    image, square, disc = _scene()
+    tiles = render.heatmap_tiles(image, [square.astype(np.float32), disc.astype(np.float32)], ["a", "b"],
+                                 render.palette(2))
+    assert tiles.width == 2 * 40 + 4 and tiles.height > 30

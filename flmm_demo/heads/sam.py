@@ -12,6 +12,7 @@ train-sam`), which encodes an image in a few hundredths of a second.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -225,15 +226,41 @@ def build_sam_model(variant: str, checkpoint: str | Path | None) -> Sam:
                  "https://github.com/facebookresearch/segment-anything#model-checkpoints into checkpoints/")
         raise FileNotFoundError(f"SAM checkpoint {checkpoint} not found; {where}")
     if variant != "vit_tiny":
-        return sam_model_registry[variant](checkpoint=None if checkpoint is None else str(checkpoint))
+        # segment-anything's builder would torch.load the file itself, which runs any code
+        # pickled in it unless torch defaults to weights_only (an environment can undo that).
+        state = read_sam_state_dict(checkpoint) if checkpoint is not None else None
+        sam = sam_model_registry[variant](checkpoint=None)
+        if state is not None:
+            _load_into(sam, state, checkpoint, variant)
+        return sam.eval()
     sam = build_tiny_sam()
     if checkpoint is not None:
         state = {k: v.float() for k, v in load_file(str(checkpoint)).items()}
-        try:
-            sam.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{checkpoint} is not a vit_tiny SAM of this version's sizes: {err}") from err
+        _load_into(sam, state, checkpoint, variant)
     return sam.eval()
+
+
+def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of an original SAM .pth, read with weights_only=True: a file holding anything
+    but tensors (a pickle that could run code) is refused, whatever the environment says."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds more than tensors, so it is not loaded (it could run code). Use the checkpoint "
+            "released at https://github.com/facebookresearch/segment-anything#model-checkpoints, or re-save "
+            "its state dict with torch.save(dict(state_dict), ...) in a trusted environment."
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a SAM state dict (found {type(state).__name__} of other objects)")
+    return state
+
+
+def _load_into(sam: Sam, state: dict[str, torch.Tensor], checkpoint: str | Path, variant: str) -> None:
+    try:
+        sam.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint} is not a {variant} SAM checkpoint of these sizes: {err}") from err
 
 
 def image_to_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -345,6 +372,16 @@ class SamImageEncoderCache:
                 raise RuntimeError("no image was given to the SAM encoder yet; call start(image) or set_image(image)")
             job = self._jobs[self._last_key]
         return job.result(timeout)
+
+    def release(self, job: Future[SamImageEmbedding]) -> None:
+        """Drop `job`'s embedding from the cache (its session is gone); other holders of the
+        same future keep their embedding."""
+        with self._lock:
+            for key, cached in list(self._jobs.items()):
+                if cached is job:
+                    del self._jobs[key]
+                    if self._last_key == key:
+                        self._last_key = None
 
     def close(self) -> None:
         """Stop the worker thread (pending encodings finish first)."""
