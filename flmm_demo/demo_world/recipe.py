@@ -81,7 +81,7 @@ STEPS: tuple[Step, ...] = (
 # Round 7 (issue 15), tried on top of the shipped weights and measured, not shipped (see
 # docs/demo_world_results.md): 45 minutes of the wide world (70% of the pool) with short
 # answers, the vision tower tuned for the first fifth; then the head on 300 classic and
-# 300 wide scenes. On a 2-core CPU shared with other jobs it reached ~150 chat steps, too
+# 300 wide scenes. On a 2-core CPU shared with other jobs it reached ~160 chat steps, too
 # few: descriptions of regular scenes fell from 0.50 to 0.19 exact. `rebuild` does not run
 # these steps; run them by hand to continue from here with a larger budget.
 WIDE_ROUND: tuple[Step, ...] = (
