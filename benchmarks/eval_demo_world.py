@@ -2,6 +2,10 @@
 
     python benchmarks/eval_demo_world.py                       # ~10 min on a busy 2-core CPU
     python benchmarks/eval_demo_world.py --scenes 100 --crowded-scenes 40 --phrase-scenes 100   # tighter
+    python benchmarks/eval_demo_world.py --scenes 0 --crowded-scenes 0 --phrase-scenes 0 --lmm-scenes 0   # variation set only
+
+The ~10 min were measured before the variation set (part 4) was added; it adds its own
+time (--variation-scenes 0 --variation-lmm-scenes 0 skip it).
 
 Everything is measured on scenes generated here from --seed (default 1000), a seed the
 shipped LMM (scenes of seeds 100-105) and head (seed 1) never saw:
@@ -23,6 +27,16 @@ shipped LMM (scenes of seeds 100-105) and head (seed 1) never saw:
    `Session.ground`, chat template, spaCy noun phrases); each phrase is scored against
    the object(s) of the scene whose name it is ("small red circle"); phrases that name
    no object of the scene (a wrong word) are counted, not scored.
+4. The variation set: scenes of the wide world (`make_wide_scene`: any rotation, sizes
+   tiny to large, white/black/tinted/gradient/noisy/textured backgrounds, outlined
+   shapes, JPEG, aspect ratios up to 2:1, 1-7 shapes) from seed + 4000, which no
+   training step uses. Referring segmentation of every expression of every object
+   (each teacher-forced alone with F-LMM's prompt, `Session.ground_expression`), in rows
+   per factor: how far the target looks turned, background, target size, shapes in the
+   scene, filled or outlined. And the LMM on them and on regular scenes: exact
+   descriptions, the share of described phrases naming a colour and shape that is not in
+   the scene, and short questions (one per kind: colour, shape, count, position, yes/no;
+   exact match after lower-casing and dropping punctuation).
 
 Prints markdown tables (n on every row), the command, and the time each part took;
 --json also writes every number.
@@ -50,7 +64,8 @@ from PIL import Image  # noqa: E402
 from flmm_demo.backends import load_backend  # noqa: E402
 from flmm_demo.demo_world import describe, scene_stream, write_refer_dataset  # noqa: E402
 from flmm_demo.demo_world.lmm import evaluate as evaluate_lmm  # noqa: E402
-from flmm_demo.demo_world.scenes import Scene  # noqa: E402
+from flmm_demo.demo_world.lmm import evaluate_answers, load  # noqa: E402
+from flmm_demo.demo_world.scenes import Scene, SceneObject, referring_expressions  # noqa: E402
 from flmm_demo.geometry import mask_box  # noqa: E402
 from flmm_demo.grounder import Grounder  # noqa: E402
 from flmm_demo.heads import load_head, load_sam  # noqa: E402
@@ -167,6 +182,43 @@ def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[tuple
             "phrases": total, "unmatched_phrases": unmatched}
 
 
+# ------------------------------------------------------------------ the variation set
+
+VARIATION_OFFSET = 4000  # variation scenes: seed + 4000 (segmentation), seed + 4010 (answers)
+FACTORS = ("rotation", "background", "target size", "shapes in the scene", "drawn")
+
+
+def variation_factors(scene: Scene, obj: SceneObject) -> dict[str, str]:
+    """The row of each factor an expression of `obj` falls in."""
+    if obj.shape == "circle":
+        rotation = "circle"
+    else:
+        degrees = obj.rotation_degrees
+        rotation = "0-15 deg" if degrees < 15 else "15-30 deg" if degrees < 30 else "30-60 deg"
+    n = len(scene.objects)
+    return {"rotation": rotation, "background": scene.background, "target size": obj.size,
+            "shapes in the scene": "1-2" if n <= 2 else "3-4" if n <= 4 else "5-7",
+            "drawn": "filled" if obj.filled else "outlined"}
+
+
+def variation_segmentation(grounder: Grounder, scenes: list[Scene],
+                           modes: tuple[tuple[str, bool], ...]) -> dict[str, dict[str, dict[str, SegmentationScores]]]:
+    """Per row label: {"all": {"all": scores}, factor: {value: scores}} over every
+    expression of every object of the scenes."""
+    accumulators: dict = {LABELS[m]: defaultdict(lambda: defaultdict(lambda: IoUAccumulator(PROTOCOL))) for m in modes}
+    for scene in scenes:
+        session = grounder.new_session(scene.pil())
+        for obj, expressions in zip(scene.objects, referring_expressions(scene)):
+            rows = {"all": "all", **variation_factors(scene, obj)}
+            for expression in expressions:
+                for mode, refine in modes:
+                    mask = session.ground_expression(expression, mode=mode, refine=refine).mask
+                    for factor, value in rows.items():
+                        accumulators[LABELS[mode, refine]][factor][value].add(mask, obj.mask)
+    return {label: {factor: {value: acc.scores() for value, acc in sorted(values.items())}
+                    for factor, values in factors.items()} for label, factors in accumulators.items()}
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -190,10 +242,21 @@ def run(args: argparse.Namespace) -> dict:
 
     start = time.time()
     results["lmm"] = {}
-    for name, _, held_out, offset in SETS:
+    for name, _, held_out, offset in SETS if args.lmm_scenes else ():
         n = args.lmm_scenes if not held_out else max(1, args.lmm_scenes // 2)
         results["lmm"][name] = evaluate_lmm(args.model, seed=args.seed + 10 + offset, n=n, held_out=held_out)
     timings["LMM answers"] = time.time() - start
+
+    start = time.time()
+    model, processor = load(args.model)
+    results["answers"] = {}
+    for name, wide, offset, n in (("regular (2-5 shapes)", False, 10, args.lmm_scenes),
+                                  ("variation (1-7 shapes)", True, VARIATION_OFFSET + 10, args.variation_lmm_scenes)):
+        if n:
+            scenes = list(scene_stream(args.seed + offset, n, wide=wide))
+            results["answers"][name] = evaluate_answers(model, processor, scenes, seed=args.seed + offset)
+    del model
+    timings["short answers and hallucinations"] = time.time() - start
 
     grounder = build_grounder(args.model, args.head, args.sam)
     grid = attention_grid(grounder)
@@ -233,6 +296,12 @@ def run(args: argparse.Namespace) -> dict:
     scenes = list(scene_stream(args.seed + 20, args.phrase_scenes))
     results["phrases"] = phrase_grounding(grounder, scenes, modes) if scenes else None
     timings["phrase grounding"] = time.time() - start
+
+    start = time.time()
+    scenes = list(scene_stream(args.seed + VARIATION_OFFSET, args.variation_scenes, wide=True))
+    results["variation"] = variation_segmentation(grounder, scenes, modes) if scenes else None
+    results["variation_scenes"] = len(scenes)
+    timings["variation set"] = time.time() - start
     results["timings_s"] = timings
     if args.data_dir is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -257,6 +326,15 @@ def markdown(results: dict) -> str:
     for name, rows in results["by_count"].items():
         for label, by_count in rows.items():
             lines.append(f"- {name}, {label}: " + ", ".join(f"{k} shapes {v:.3f}" for k, v in by_count.items()))
+    if results.get("answers"):
+        kinds = ("colour", "shape", "count", "position", "yes/no")
+        lines += ["", "### Tiny LMM: descriptions and short questions", "",
+                  "| scenes | exact description | hallucinated phrases | question (all kinds) | "
+                  + " | ".join(kinds) + " | n scenes |", "|---|---|---|---|" + "---|" * len(kinds) + "---|"]
+        for name, r in results["answers"].items():
+            per_kind = " | ".join(f"{r['question_' + k]:.2f}" for k in kinds)
+            lines.append(f"| {name} | {r['description']:.2f} | {r['hallucinated_phrases']:.3f} "
+                         f"({r['named_phrases']} phrases) | {r['question']:.2f} | {per_kind} | {r['n']} |")
     p = results["phrases"]
     if p is not None:  # None: no scenes were described
         lines += ["", "### Grounding the noun phrases of generated descriptions (regular scenes)", "",
@@ -265,6 +343,18 @@ def markdown(results: dict) -> str:
                   "", "| method | cIoU | mean IoU | n phrases |", "|---|---|---|---|"]
         for label, s in p["scores"].items():
             lines.append(f"| {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |" if s else f"| {label} | - | - | 0 |")
+    v = results.get("variation")
+    if v:
+        labels = list(v)
+        lines += ["", f"### Variation set: referring segmentation, cIoU ({results['variation_scenes']} scenes "
+                  "of the wide world)", "",
+                  "| factor | value | " + " | ".join(labels) + " | n expressions |",
+                  "|---|---|" + "---|" * len(labels) + "---|"]
+        first = v[labels[0]]
+        for factor in ("all",) + FACTORS:
+            for value in first.get(factor, {}):
+                cells = " | ".join(f"{v[label][factor][value].ciou:.3f}" for label in labels)
+                lines.append(f"| {factor} | {value} | {cells} | {first[factor][value].n} |")
     lines += ["", "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items()),
               "", f"Command: `python {results['command']}`"]
     return "\n".join(lines)
@@ -289,6 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="score only the first N objects of each set")
     parser.add_argument("--lmm-scenes", type=int, default=64, help="scenes for the LMM's answer accuracy")
     parser.add_argument("--phrase-scenes", type=int, default=30, help="scenes described and grounded")
+    parser.add_argument("--variation-scenes", type=int, default=30,
+                        help="scenes of the wide world for the variation set's segmentation rows")
+    parser.add_argument("--variation-lmm-scenes", type=int, default=64,
+                        help="scenes of the wide world for the LMM's descriptions and short questions")
     parser.add_argument("--data-dir", help="keep the generated held-out datasets here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write every number here")

@@ -438,7 +438,9 @@ class Session:
 
     def visual_cot(self, question: str, *, max_new_tokens: int = 256, mode: Mode = "auto",
                    refine: bool = True) -> VisualCoT:
-        """Ground the object most relevant to the question, crop it, and ask again (flmm.md 8).
+        """Ground the object most relevant to the question, crop it, and ask again (flmm.md 8):
+        with the whole image and the crop when the backend takes several images and both
+        fit the model's context with max_new_tokens to spare, else with the crop alone.
 
         The whole-image answer becomes the conversation's turn (so `ground()` grounds it
         with the attention it was generated with); the crop answer is in the result.

@@ -19,6 +19,7 @@ from typing import Any
 
 import gradio as gr
 
+from flmm_demo.demo_world.examples import example_samples
 from flmm_demo.grounder import Grounder
 from flmm_demo.ui_callbacks import (
     DEFAULT_ALPHA,
@@ -38,9 +39,8 @@ DEFAULT_MAX_SESSIONS = 32
 
 
 def example_paths() -> list[str]:
-    """The example images: demo-model scenes first, then photos."""
-    return sorted((str(p) for p in ASSETS_DIR.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg")),
-                  key=lambda p: (not Path(p).name.startswith("shapes_"), p))
+    """The example images: demo-model scenes first, then photos (the Dataset's order)."""
+    return [path for path, _ in example_samples(ASSETS_DIR, demo=True)]
 
 
 class DemoPage:
@@ -68,9 +68,10 @@ class DemoPage:
                     gr.Markdown("A conversation is in progress. Start a new one with this image?")
                     c["confirm_btn"] = gr.Button("Start new conversation", variant="primary", elem_id="confirm-new")
                     c["keep_btn"] = gr.Button("Keep the current one", elem_id="keep-current")
-                c["examples"] = gr.Dataset(components=[gr.Image(visible=False, type="filepath")],
-                                           samples=[[e] for e in self.callbacks.examples], type="index",
-                                           label="Examples", samples_per_page=8, elem_id="examples")
+                c["examples"] = gr.Dataset(components=[gr.Image(visible=False, type="filepath"),
+                                                       gr.Textbox(visible=False)],
+                                           samples=[list(e) for e in example_samples(ASSETS_DIR, info.is_demo)],
+                                           type="index", label="Examples", samples_per_page=8, elem_id="examples")
                 c["view"] = gr.Image(label="Masks", type="pil", interactive=False, format="png",
                                      buttons=["download", "fullscreen"], elem_id="mask-view")
                 c["heat"] = gr.Image(label="Raw attention", type="pil", interactive=False, visible=False,

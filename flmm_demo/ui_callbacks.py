@@ -22,6 +22,7 @@ import gradio as gr
 from PIL import Image
 
 from flmm_demo import render
+from flmm_demo.demo_world.examples import photo_notice
 from flmm_demo.grounder import Grounder, Mode, Session, VisualCoT, check_question
 from flmm_demo.geometry import resize_mask
 from flmm_demo.images import ImageError, load_image
@@ -176,7 +177,8 @@ class Callbacks:
         return {
             "confirm_row": gr.Row(visible=False),
             "chatbot": [],
-            "status": f"New conversation about a {width}x{height} image. Ask a question.",
+            "status": f"New conversation about a {width}x{height} image. Ask a question."
+                      + f" {photo_notice(session.image, session.grounder.info.is_demo)}".rstrip(),
             "vcot_panel": gr.Column(visible=False),
             "state": state,
             **self._sam(state),

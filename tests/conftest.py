@@ -79,9 +79,9 @@ def tiny_demo_lmm(tmp_path_factory) -> tuple[Path, dict]:
     (its folder, the losses train returned)."""
     import torch
 
-    from flmm_demo.demo_world.lmm import train
+    from flmm_demo.demo_world.lmm import LmmTrainConfig, train
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-demo-lmm") / "lmm"
-    stats = train(path, seed=0, tiny=True, log=lambda _: None)
+    stats = train(LmmTrainConfig(path, seed=0, tiny=True), log=lambda _: None)
     return path, stats

@@ -294,9 +294,9 @@ def test_chat_template_and_training_encoding_agree():
 def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tiny_demo_lmm, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from flmm_demo.demo_world.lmm import train
+    from flmm_demo.demo_world.lmm import LmmTrainConfig, train
 
-    lmm, stats = tiny_demo_lmm  # train(lmm, seed=0, tiny=True), shared with the e2e miniature run
+    lmm, stats = tiny_demo_lmm  # train(LmmTrainConfig(lmm, seed=0, tiny=True)), shared with the e2e miniature run
     assert stats["vision_loss"] < stats["first_vision_loss"]
     assert stats["chat_loss"] < stats["first_chat_loss"]
     processor = AutoProcessor.from_pretrained(lmm)
@@ -307,15 +307,21 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tiny_demo_lmm,
     assert (lmm / "model.safetensors").stat().st_size < 2 * 2**20
 
     # Continuing from it with grounding turns trains the language side only.
-    stats = train(tmp_path / "lmm2", seed=0, tiny=True, init=lmm, ground_share=0.5, ground_turns=2,
-                  chat_lr=5e-4,
-                  log=lambda _: None)
+    stats = train(LmmTrainConfig(tmp_path / "lmm2", seed=0, tiny=True, init=lmm, ground_share=0.5,
+                                 ground_turns=2, chat_lr=5e-4), log=lambda _: None)
     assert "vision_loss" not in stats and stats["attention_loss"] < stats["first_attention_loss"]
     model2 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lmm2")
     before, after = model.state_dict(), model2.state_dict()
     tower = [k for k in before if "vision_tower" in k]
     assert tower and all(torch.equal(before[k], after[k]) for k in tower)
     assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
+
+    # On the wide world with short answers and the tower tuned: the tower moves too.
+    stats = train(LmmTrainConfig(tmp_path / "lmm3", seed=1, tiny=True, init=tmp_path / "lmm2", tune_vision=True,
+                                 vision_lr=5e-4, wide_share=0.5, short_qa=True), log=lambda _: None)
+    assert stats["vision_loss"] < stats["first_vision_loss"]
+    model3 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lmm3")
+    assert any(not torch.equal(after[k], model3.state_dict()[k]) for k in tower)
 
 
 def test_a_new_rope_base_is_used_saved_and_loaded(tmp_path):

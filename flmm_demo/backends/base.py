@@ -62,6 +62,7 @@ import inspect
 import numbers
 import pickle
 import re
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -211,8 +212,6 @@ class Backend:
         self.tokenizer = processor.tokenizer
         self.grounding_prompt = grounding_prompt or DEFAULT_GROUNDING_PROMPT
         text_config = model.config.get_text_config()
-        # Positions the decoder takes (prompt + answer); None when the config does not say.
-        self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
         self.num_layers: int = text_config.num_hidden_layers
         self.num_heads: int = text_config.num_attention_heads
         self.hidden_size: int = text_config.hidden_size
@@ -319,6 +318,28 @@ class Backend:
         """Model kwargs to run new_ids (1, n) after the prefilled prompt prefix."""
         total = self._prefix.length + new_ids.shape[1]
         return {"input_ids": new_ids, "attention_mask": torch.ones(1, total, dtype=torch.long, device=new_ids.device)}
+
+    @property
+    def context_length(self) -> int | None:
+        """Positions the language model is built for (None when its config does not say)."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    def prompt_fits(self, image: Image.Image, history: list[Turn], question: str,
+                    extra_images: Sequence[Image.Image] = (), max_new_tokens: int = 0) -> bool:
+        """Whether this chat prompt plus max_new_tokens fits the language model's context
+        (two images of 576 tokens do not fit the demo model's 1,024 positions)."""
+        limit = self.context_length
+        if limit is None:
+            return True
+        # Counting, not running: the tokenizer's "indexing errors" warning would be a false alarm.
+        tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
+        level = tokenizer_log.level
+        tokenizer_log.setLevel(logging.ERROR)
+        try:
+            prompt = self.build_prompt(image, history, question, "chat", "", extra_images)
+        finally:
+            tokenizer_log.setLevel(level)
+        return prompt.input_ids.shape[1] + max_new_tokens <= limit
 
     # ----------------------------------------------------------------- prompts
     def build_prompt(

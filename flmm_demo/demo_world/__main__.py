@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="continue from this saved model (no vision stage: the whole budget is chat)")
     p.add_argument("--chat-lr", type=float, default=1e-3, help="peak learning rate of the chat stage")
     p.add_argument("--rope-theta", type=float, help="a new RoPE base for the language model (default: keep it)")
+    p.add_argument("--wide-share", type=float, default=0.0,
+                   help="share of the scene pool from the wide world (any rotation, sizes, backgrounds, "
+                        "outlines, JPEG, 1-7 shapes)")
+    p.add_argument("--short-qa", action="store_true",
+                   help="questions about colour, shape, count, position and yes/no get short answers ('red', 'three')")
+    p.add_argument("--tune-vision", action="store_true",
+                   help="with --init: first tune the vision tower on patch labels for --vision-share of the budget")
+    p.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision stage")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
 
     p = sub.add_parser("train-sam", help="train the demo world's small SAM from scratch (promptable segmentation)")
@@ -55,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--eval-scenes", type=int, default=60, help="held-out scenes scored at the end")
     p.add_argument("--init", help="continue from this saved sam_vit_tiny.safetensors")
+    p.add_argument("--wide", action="store_true",
+                   help="scenes of the wide world (any rotation, sizes, backgrounds, outlines, JPEG, 1-7 shapes)")
 
     p = sub.add_parser("rebuild", help="remake the shipped LMM and head from the seeds (recipe.py), then install them")
     p.add_argument("--dry-run", action="store_true", help="print the steps and stop")
@@ -72,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--held-out", type=int, default=0, help="also a 'testB'-like split of 6-7 shapes")
+    p.add_argument("--wide-train", type=int, default=0,
+                   help="also this many scenes of the wide world (seed + 3) in the train split")
 
     p = sub.add_parser("show", help="save one scene and print its text")
     p.add_argument("--seed", type=int, default=0)
@@ -83,17 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "train-lmm":
-        from flmm_demo.demo_world.lmm import train
+        from flmm_demo.demo_world.lmm import LmmTrainConfig, train
 
-        train(args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
-              vision_share=args.vision_share, attention_weight=args.attention_weight, low_res_share=args.low_res_share,
-              ground_share=args.ground_share, ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr,
-              rope_theta=args.rope_theta)
+        train(LmmTrainConfig(
+            args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
+            vision_share=args.vision_share, low_res_share=args.low_res_share, vision_lr=args.vision_lr,
+            tune_vision=args.tune_vision, attention_weight=args.attention_weight, ground_share=args.ground_share,
+            ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr, rope_theta=args.rope_theta,
+            wide_share=args.wide_share, short_qa=args.short_qa, threads=args.threads))
     elif args.command == "train-sam":
         from flmm_demo.demo_world.sam import train as train_sam
 
         train_sam(args.out, seed=args.seed, minutes=args.minutes, max_steps=args.max_steps,
-                  batch_size=args.batch_size, lr=args.lr, eval_scenes=args.eval_scenes, init=args.init)
+                  batch_size=args.batch_size, lr=args.lr, eval_scenes=args.eval_scenes, init=args.init,
+                  wide=args.wide)
     elif args.command == "rebuild":
         rebuild(dry_run=args.dry_run, install_weights=not args.no_install)
     elif args.command == "eval-lmm":
@@ -104,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         from flmm_demo.demo_world.scenes import write_refer_dataset
 
         write_refer_dataset(args.out, args.train, args.seed, "train")
+        if args.wide_train:
+            write_refer_dataset(args.out, args.wide_train, args.seed + 3, "train", wide=True)
         write_refer_dataset(args.out, args.val, args.seed + 1, "val")
         if args.held_out:
             write_refer_dataset(args.out, args.held_out, args.seed + 2, "testB", held_out=True)

@@ -23,7 +23,7 @@ Training, in two stages:
 from __future__ import annotations
 
 import json
-import math
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +35,7 @@ from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from flmm_demo.demo_world import scenes as S
+from flmm_demo.demo_world.schedule import BudgetSchedule
 from flmm_demo.demo_world.tokenizer import IMAGE_TOKEN, build_processor
 
 
@@ -61,6 +62,7 @@ TINY = ModelSize(image_size=64, vision_hidden=64, vision_layers=2, vision_heads=
                  text_hidden=64, text_layers=2, text_heads=2, text_intermediate=128)
 
 
+DESCRIBE = "describe the image."
 # (layer, head) pairs of the language model whose attention is supervised in stage 2,
 # layers counted from the last (-1); pairs a smaller model lacks are skipped.
 MENTION_HEADS: tuple[tuple[int, int], ...] = ((-3, 0), (-2, 0), (-1, 0))
@@ -145,8 +147,12 @@ def patch_labels(scene: S.Scene, grid: int) -> np.ndarray:
     return out
 
 
-def make_pool(seed: int, n: int, processor: LlavaProcessor, grid: int, held_out: bool = False) -> ScenePool:
-    scenes = list(S.scene_stream(seed, n, held_out))
+def make_pool(seed: int, n: int, processor: LlavaProcessor, grid: int, held_out: bool = False,
+              wide_share: float = 0.0) -> ScenePool:
+    """n scenes of seed, pre-processed: the first n x wide_share from the wide world
+    (scenes.make_wide_scene), the rest classic (crowded when held_out)."""
+    n_wide = round(n * wide_share)
+    scenes = list(S.scene_stream(seed, n_wide, wide=True)) + list(S.scene_stream(seed, n - n_wide, held_out))
     pixels = torch.cat([processor.image_processor(s.pil(), return_tensors="pt").pixel_values for s in scenes])
     labels = torch.from_numpy(np.stack([patch_labels(s, grid) for s in scenes]))
     covers = []
@@ -193,20 +199,21 @@ def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image
 
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
                n_image_tokens: int, max_turns: int, ground_share: float = 0.0,
-               ground_turns: int = 1) -> dict[str, torch.Tensor]:
+               ground_turns: int = 1, short_qa: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
     referent (B, T); covers (B, max objects, g*g); pixel_values. Each chat is, with
     probability ground_share, ground_turns grounding turns (each a description prompt
     answered by referring expressions) that only the attention loss sees, else a
     conversation. Several grounding turns share one pass over the 576 image tokens, so
-    they multiply the supervised words of a step for a few more text tokens."""
+    they multiply the supervised words of a step for a few more text tokens. short_qa:
+    questions get short answers ('red', 'three', 'yes'; see scenes.short_question_segments)."""
     seqs = []
     for i in idx:
         if rng.random() < ground_share:
             turns = [S.grounding_turn(pool.scenes[i], rng) for _ in range(ground_turns)]
             seqs.append(encode_annotated_chat(processor, turns, n_image_tokens, answer_loss=False))
         else:
-            chat = S.annotated_conversation(pool.scenes[i], rng, max_turns)
+            chat = S.annotated_conversation(pool.scenes[i], rng, max_turns, short=short_qa)
             seqs.append(encode_annotated_chat(processor, chat, n_image_tokens))
     T = max(len(s[0]) for s in seqs)
     pad = processor.tokenizer.pad_token_id
@@ -252,13 +259,6 @@ class PatchHeads(torch.nn.Module):
             loss = loss + F.cross_entropy(logits.transpose(1, 2), flat[:, k])
             accs[name] = (logits.argmax(-1) == flat[:, k])[on_object].float().mean().item()
         return loss, accs
-
-
-def _lr(step: int, progress: float, peak: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 as progress goes 0 -> 1."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
@@ -315,134 +315,203 @@ def set_rope_theta(model: LlavaForConditionalGeneration, theta: float) -> None:
     language.rotary_emb = type(language.rotary_emb)(config=text).to(next(language.parameters()).device)
 
 
-def train(out_dir: str | Path, seed: int = 0, minutes: float = 30.0, tiny: bool = False,
-          n_scenes: int = 3000, batch_size: int = 8, vision_share: float = 0.3, attention_weight: float = 1.0,
-          low_res_share: float = 0.0, ground_share: float = 0.0, ground_turns: int = 1,
-          init: str | Path | None = None, chat_lr: float = 1e-3, rope_theta: float | None = None,
-          log=print) -> dict[str, float]:
-    """Train the tiny LLaVA from scratch and save it (fp16 safetensors + processor) to out_dir.
+@dataclass(frozen=True)
+class LmmTrainConfig:
+    """One `train-lmm` run; `python -m flmm_demo.demo_world train-lmm --help` says each option.
 
-    vision_share of the time budget goes to vision pre-training, the first low_res_share
-    of it on images of 2/3 the size (a coarser patch grid, so each step is cheaper and
-    shapes span fewer patches; the position embeddings are resized on the fly, as in
-    progressive-resizing ViT training); then the tower is frozen,
-    its features of the scene pool cached, and the projector and the language model
-    learn the conversations, with attention_weight x the attention loss (0 turns the
-    attention supervision off). A share ground_share of the chats are grounding turns:
-    referring expressions teacher-forced after a description prompt, which only the
-    attention loss sees (the answers they would teach are wrong), so the supervised heads
-    follow the words rather than where a description usually goes next; each such chat
-    has ground_turns turns.
+    From scratch (init=None): vision_share of the wall-clock budget pre-trains the vision
+    tower on patch labels, the first low_res_share of it on images of 2/3 the size (a
+    coarser patch grid, so each step is cheaper and shapes span fewer patches; the
+    position embeddings are resized on the fly, as in progressive-resizing ViT training);
+    then the tower is frozen, its features of the scene pool cached, and the projector and
+    the language model learn the conversations, with attention_weight x the attention
+    loss (0 turns the attention supervision off). A share ground_share of the chats are
+    grounding turns: referring expressions teacher-forced after a description prompt,
+    which only the attention loss sees (the answers they would teach are wrong), so the
+    supervised heads follow the words rather than where a description usually goes next;
+    each such chat has ground_turns turns.
 
-    init: continue from a saved model instead: its tower stays as it is (no stage 1) and
-    stage 2 runs for the whole budget on the scene pool of seed + 100 (a new pool for a new seed).
+    init: continue from a saved model instead, on the scene pool of seed + 100 (a new pool
+    for a new seed): the whole budget is chat, unless tune_vision, which first tunes the
+    tower on patch labels for vision_share of it at vision_lr (new scenes may look new to it).
     rope_theta: a new RoPE base for the language model (see set_rope_theta).
-    Returns the first and last losses and the minutes taken.
+    wide_share: share of the pool drawn from the wide world (scenes.make_wide_scene).
+    short_qa: questions about colour, shape, count, position and yes/no get short answers.
     """
-    torch.set_num_threads(2)
-    size = TINY if tiny else ModelSize()
-    if init is not None:
-        model, processor = load(init)
+
+    out_dir: str | Path
+    seed: int = 0
+    minutes: float = 30.0
+    tiny: bool = False
+    n_scenes: int = 3000
+    batch_size: int = 8
+    vision_share: float = 0.3
+    low_res_share: float = 0.0
+    vision_lr: float = 2e-3
+    tune_vision: bool = False
+    attention_weight: float = 1.0
+    ground_share: float = 0.0
+    ground_turns: int = 1
+    init: str | Path | None = None
+    chat_lr: float = 1e-3
+    rope_theta: float | None = None
+    wide_share: float = 0.0
+    short_qa: bool = False
+    threads: int = 2
+
+
+def train(config: LmmTrainConfig, log=print) -> dict[str, float]:
+    """Train the tiny LLaVA (see LmmTrainConfig) and save it (fp16 safetensors + processor)
+    to config.out_dir. Returns the first and last losses and the minutes taken."""
+    torch.set_num_threads(config.threads)
+    t0 = time.time()
+    budget = config.minutes * 60
+    model, processor, size = _starting_model(config)
+    pool = make_pool(config.seed + 100, 64 if config.tiny else config.n_scenes, processor, size.grid,
+                     wide_share=config.wide_share)
+    log(f"pool of {len(pool.scenes)} scenes in {time.time() - t0:.0f}s; "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    rng = np.random.default_rng(config.seed)
+    stats: dict[str, float] = {}
+    if config.init is None or config.tune_vision:
+        low = _low_res_copy(pool, size, log) if config.low_res_share > 0 and config.init is None else None
+        stats.update(train_vision(model, pool, low, size, config, rng, config.vision_share * budget, log))
+    features = cache_vision_features(model, pool)
+    log(f"cached vision features {tuple(features.shape)} ({time.time() - t0:.0f}s)")
+    stats.update(train_chat(model, processor, pool, features, size, config, rng, t0 + budget, log))
+    stats["minutes"] = (time.time() - t0) / 60
+    model.requires_grad_(True)
+    save(model, processor, config.out_dir)
+    log(f"saved to {config.out_dir} after {stats['minutes']:.1f} min: {stats}")
+    return stats
+
+
+def _starting_model(config: LmmTrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, ModelSize]:
+    """A new model, or the one at config.init (its vocabulary extended to today's); the
+    new RoPE base if asked; sdpa attention for speed (stage 2 switches to eager)."""
+    size = TINY if config.tiny else ModelSize()
+    if config.init is not None:
+        model, processor = extend_vocabulary(*load(config.init))
         vc = model.config.vision_config
         size = replace(size, image_size=vc.image_size, patch_size=vc.patch_size)
     else:
-        model, processor = build_model(size, seed)
-    if rope_theta is not None:
-        set_rope_theta(model, rope_theta)
+        model, processor = build_model(size, config.seed)
+    if config.rope_theta is not None:
+        set_rope_theta(model, config.rope_theta)
     model.config._attn_implementation = "sdpa"
     model.model.language_model.config._attn_implementation = "sdpa"
-    n_img = size.grid ** 2
-    t0 = time.time()
-    budget = minutes * 60
-    pool = make_pool(seed + 100, 64 if tiny else n_scenes, processor, size.grid)
-    log(f"pool of {len(pool.scenes)} scenes in {time.time() - t0:.0f}s; "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    rng = np.random.default_rng(seed)
-    stats: dict[str, float] = {}
-    low = None
-    if low_res_share > 0 and init is None:
-        low_size = size.image_size * 2 // 3 // size.patch_size * size.patch_size
-        low_processor = build_processor(low_size, size.patch_size)
-        low_grid = low_size // size.patch_size
-        low = (torch.cat([low_processor.image_processor(s.pil(), return_tensors="pt").pixel_values
-                          for s in pool.scenes]).half(),
-               torch.from_numpy(np.stack([patch_labels(s, low_grid) for s in pool.scenes])))
-        log(f"low-resolution copy of the pool: {low_size} px, {low_grid}x{low_grid} patches ({time.time() - t0:.0f}s)")
+    return model, processor, size
 
-    # Stage 1: the vision tower on per-patch labels (first at low resolution when asked).
+
+def extend_vocabulary(model: LlavaForConditionalGeneration,
+                      processor: LlavaProcessor) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A model saved with an earlier vocabulary, given today's tokenizer: the later words
+    come after the earlier ones (tokenizer._LATER_WORDS), so the earlier rows of the
+    embedding and the output layer stay and the new ones start at their mean."""
+    old = processor.tokenizer.get_vocab()
+    vc = model.config.vision_config
+    new_processor = build_processor(vc.image_size, vc.patch_size)
+    new = new_processor.tokenizer.get_vocab()
+    if len(new) == len(old):
+        return model, processor
+    moved = [w for w, i in old.items() if new.get(w) != i]
+    if moved:
+        raise ValueError(f"cannot extend this model's vocabulary: the words {moved[:5]} have other ids today")
+    model.resize_token_embeddings(len(new), mean_resizing=True)
+    return model, new_processor
+
+
+def _low_res_copy(pool: ScenePool, size: ModelSize, log) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool's pixels and patch labels at 2/3 the size (a coarser grid, cheaper steps)."""
+    low_size = size.image_size * 2 // 3 // size.patch_size * size.patch_size
+    low_processor = build_processor(low_size, size.patch_size)
+    low_grid = low_size // size.patch_size
+    pixels = torch.cat([low_processor.image_processor(s.pil(), return_tensors="pt").pixel_values for s in pool.scenes])
+    labels = torch.from_numpy(np.stack([patch_labels(s, low_grid) for s in pool.scenes]))
+    log(f"low-resolution copy of the pool: {low_size} px, {low_grid}x{low_grid} patches")
+    return pixels.half(), labels
+
+
+def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool,
+                 low: tuple[torch.Tensor, torch.Tensor] | None, size: ModelSize, config: LmmTrainConfig,
+                 rng: np.random.Generator, seconds: float, log) -> dict[str, float]:
+    """Stage 1: the vision tower learns per-patch labels for `seconds` (first on the
+    low-resolution copy, when there is one, for config.low_res_share of the time)."""
     heads = PatchHeads(size.vision_hidden)
-    vparams = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(vparams, lr=2e-3, weight_decay=0.01)
-    v_start, v_time = time.time(), vision_share * budget
-    v_steps = 0 if init is not None else 6 if tiny else 1_000_000
-    step = 0
-    while step < v_steps and (time.time() < v_start + v_time or step < 2):
-        idx = rng.integers(0, len(pool.scenes), 4 * batch_size).tolist()
-        elapsed = step / v_steps if tiny else (time.time() - v_start) / v_time
-        in_low = low is not None and elapsed < low_res_share
+    params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=0.01)
+    max_steps = 6 if config.tiny else 1_000_000
+    schedule = BudgetSchedule(optimizer, warmup_steps=min(50, max_steps // 3))
+    stats: dict[str, float] = {}
+    start, step = time.time(), 0
+    while step < max_steps and (time.time() < start + seconds or step < 2):
+        idx = rng.integers(0, len(pool.scenes), 4 * config.batch_size).tolist()
+        elapsed = step / max_steps if config.tiny else (time.time() - start) / seconds
+        in_low = low is not None and elapsed < config.low_res_share
         pixels, labels = low if in_low else (pool.pixels, pool.patch_labels)
         loss, accs = heads(_vision_features(model, pixels[idx].float()), labels[idx])
-        progress = max(step / v_steps, (time.time() - v_start) / v_time)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, progress, 2e-3, min(50, v_steps // 3))
-        opt.zero_grad()
+        schedule.set(step, max(step / max_steps, (time.time() - start) / seconds))
+        optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vparams, 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
         stats.setdefault("first_vision_loss", loss.item())
         stats["vision_loss"] = loss.item()
         if step % 20 == 0:
             acc = " ".join(f"{n} {a:.2f}" for n, a in accs.items())
-            res = "low-res " if in_low else ""
-            log(f"vision step {step} {res}loss {loss.item():.3f} patch acc: {acc} ({time.time() - t0:.0f}s)")
+            log(f"vision step {step} {'low-res ' if in_low else ''}loss {loss.item():.3f} patch acc: {acc} "
+                f"({time.time() - start:.0f}s)")
         step += 1
+    return stats
 
+
+@torch.no_grad()
+def cache_vision_features(model: LlavaForConditionalGeneration, pool: ScenePool) -> torch.Tensor:
+    """Freeze the tower and return its features of the whole pool: (N, g*g, D) float16."""
     model.model.vision_tower.requires_grad_(False).eval()
-    with torch.no_grad():
-        feats = torch.cat([_vision_features(model, pool.pixels[i:i + 64].float()).half()
-                           for i in range(0, len(pool.scenes), 64)])
-    log(f"cached vision features {tuple(feats.shape)} ({time.time() - t0:.0f}s)")
+    return torch.cat([_vision_features(model, pool.pixels[i:i + 64].float()).half()
+                      for i in range(0, len(pool.scenes), 64)])
 
-    # Stage 2: projector + language model on conversations, teacher-forced; eager
-    # attention so the supervised heads' weights are there to be trained.
+
+def train_chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, pool: ScenePool,
+               features: torch.Tensor, size: ModelSize, config: LmmTrainConfig, rng: np.random.Generator,
+               deadline: float, log) -> dict[str, float]:
+    """Stage 2 until `deadline` (time.time()): projector + language model on conversations,
+    teacher-forced, plus config.attention_weight x the attention loss; eager attention so
+    the supervised heads' weights are there to be trained."""
     model.model.language_model.config._attn_implementation = "eager"
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    end = t0 + budget
-    c_steps = 8 if tiny else 1_000_000
-    step, step_time, c_start = 0, 1.0, time.time()
-    while step < c_steps and (time.time() + step_time < end or step < 2):
-        idx = rng.integers(0, len(pool.scenes), batch_size).tolist()
-        batch = chat_batch(processor, pool, idx, rng, n_img, max_turns=3, ground_share=ground_share,
-                           ground_turns=ground_turns)
-        logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], feats[idx].float())
+    optimizer = torch.optim.AdamW(params, lr=config.chat_lr, weight_decay=0.01)
+    max_steps = 8 if config.tiny else 1_000_000
+    schedule = BudgetSchedule(optimizer, warmup_steps=min(100, max_steps // 4))
+    stats: dict[str, float] = {}
+    step, step_time, start = 0, 1.0, time.time()
+    while step < max_steps and (time.time() + step_time < deadline or step < 2):
+        idx = rng.integers(0, len(pool.scenes), config.batch_size).tolist()
+        batch = chat_batch(processor, pool, idx, rng, size.grid ** 2, max_turns=3, ground_share=config.ground_share,
+                           ground_turns=config.ground_turns, short_qa=config.short_qa)
+        logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], features[idx].float())
         labels = batch["labels"]
         if (labels[:, 1:] != -100).any():
             chat_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         else:  # every chat of the batch is a grounding turn
             chat_loss = logits.new_zeros(())
         attn_loss = attention_loss(attentions, batch, model.config.image_token_id)
-        loss = chat_loss + attention_weight * attn_loss
-        progress = max(step / c_steps, (time.time() - c_start) / max(1.0, end - c_start))
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, progress, chat_lr, min(100, c_steps // 4))
-        opt.zero_grad()
+        loss = chat_loss + config.attention_weight * attn_loss
+        schedule.set(step, max(step / max_steps, (time.time() - start) / max(1.0, deadline - start)))
+        optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step_time = (time.time() - c_start) / (step + 1)
+        optimizer.step()
+        step_time = (time.time() - start) / (step + 1)
         stats.setdefault("first_chat_loss", chat_loss.item())
         stats.setdefault("first_attention_loss", attn_loss.item())
         stats["chat_loss"] = chat_loss.item()
         stats["attention_loss"] = attn_loss.item()
         if step % 20 == 0:
             log(f"chat step {step} loss {chat_loss.item():.3f} attention {attn_loss.item():.3f} "
-                f"({time.time() - t0:.0f}s, {step_time:.2f}s/step)")
+                f"({time.time() - start:.0f}s, {step_time:.2f}s/step)")
         step += 1
-    stats["minutes"] = (time.time() - t0) / 60
-    model.requires_grad_(True)
-    save(model, processor, out_dir)
-    log(f"saved to {out_dir} after {stats['minutes']:.1f} min: {stats}")
     return stats
 
 
@@ -555,4 +624,60 @@ def evaluate(folder: str | Path, seed: int = 777, n: int = 100, held_out: bool =
     words = _word_hits(model, processor, scenes, grid ** 2)
     out = {"description": desc_ok / n, "qa": qa_ok / n, "multi_turn_qa": mt_ok / n, "n": n}
     out.update({f"{k}_word": right / max(1, total) for k, (right, total) in words.items()})
+    return out
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation, single spaces: what exact match compares."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+_NAMED = re.compile(r"\b(?:a|an|the)\s+(?:(small|big)\s+)?(red|yellow|green|cyan|blue|purple)\s+"
+                    r"(circle|square|triangle|cross)\b")
+
+
+def hallucinated_phrases(description: str, scene: S.Scene) -> tuple[int, int]:
+    """(phrases naming a colour and shape that no object of the scene has, phrases naming
+    a colour and shape) in a description ('a small red circle, a blue square.')."""
+    there = {(o.colour, o.shape) for o in scene.objects}
+    named = [(m.group(2), m.group(3)) for m in _NAMED.finditer(description.lower())]
+    return sum(n not in there for n in named), len(named)
+
+
+@torch.no_grad()
+def evaluate_answers(model: LlavaForConditionalGeneration, processor: LlavaProcessor, scenes: list[S.Scene],
+                     seed: int, batch_size: int = 16) -> dict[str, float]:
+    """On these scenes: the share of exact descriptions, the share of described phrases
+    that name a shape not in the scene ('hallucinated'), and the exact match (after
+    normalise_answer) of one short question of each kind (scenes.QUESTION_KINDS) per
+    scene, asked as the first turn: per kind and over all ('question')."""
+    rng = np.random.default_rng(seed)
+    asked: list[tuple[int, str, str, str]] = []  # (scene, kind, question, answer)
+    for k, scene in enumerate(scenes):
+        by_kind: dict[str, list[tuple[str, str]]] = {}
+        for kind, q, a in S.short_questions(scene, rng):
+            by_kind.setdefault(kind, []).append((q, a))
+        for kind, qas in by_kind.items():
+            q, a = qas[int(rng.integers(0, len(qas)))]
+            asked.append((k, kind, q, a))
+    exact = wrong = named = 0
+    for b in range(0, len(scenes), batch_size):
+        chunk = scenes[b:b + batch_size]
+        for scene, d in zip(chunk, answer(model, processor, [s.pil() for s in chunk], [DESCRIBE] * len(chunk))):
+            exact += d == S.describe(scene)
+            w, n = hallucinated_phrases(d, scene)
+            wrong, named = wrong + w, named + n
+    right: dict[str, list[bool]] = {kind: [] for kind in S.QUESTION_KINDS}
+    for b in range(0, len(asked), batch_size):
+        chunk = asked[b:b + batch_size]
+        replies = answer(model, processor, [scenes[k].pil() for k, _, _, _ in chunk], [q for _, _, q, _ in chunk],
+                         max_new_tokens=16)
+        for (_, kind, _, a), reply in zip(chunk, replies):
+            right[kind].append(normalise_answer(reply) == normalise_answer(a))
+    out = {"description": exact / max(1, len(scenes)), "hallucinated_phrases": wrong / max(1, named),
+           "named_phrases": named, "n": len(scenes)}
+    out.update({f"question_{kind}": float(np.mean(v)) if v else float("nan") for kind, v in right.items()})
+    every = [x for v in right.values() for x in v]
+    out["question"] = float(np.mean(every)) if every else float("nan")
+    out["questions"] = len(every)
     return out

@@ -21,7 +21,6 @@ F-LMM head with `python -m flmm_demo train ... --sam runs/sam-tiny/sam_vit_tiny.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 from segment_anything.modeling import Sam
 
 from flmm_demo.demo_world import scenes as S
+from flmm_demo.demo_world.schedule import BudgetSchedule
 from flmm_demo.geometry import mask_box
 from flmm_demo.heads.sam import (
     SAM_CHECKPOINT_NAMES,
@@ -130,17 +130,12 @@ def _iou(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> 
     return inter / max(1, union)
 
 
-def _lr(progress: float, peak: float, warmup: float = 0.03) -> float:
-    if progress < warmup:
-        return peak * max(progress, 1e-3) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
-
-
 def train(out_dir: str | Path, seed: int = 11, minutes: float = 25.0, batch_size: int = 8, lr: float = 4e-4,
           max_objects: int = 4, max_steps: int | None = None, eval_scenes: int = 60,
-          init: str | Path | None = None) -> dict:
+          init: str | Path | None = None, wide: bool = False) -> dict:
     """Train a tiny SAM from scratch (or continue the one saved at `init`) for `minutes` of
-    wall clock (or max_steps) on scenes of seed `seed` (2-5 shapes), save it to
+    wall clock (or max_steps) on scenes of seed `seed` (2-5 shapes; wide: the wide world's
+    1-7 shapes, see scenes.make_wide_scene, also for the held-out scenes), save it to
     out_dir/sam_vit_tiny.safetensors, evaluate it on held-out scenes of seed + 1000 and
     return the figures (also written to out_dir/train_log.jsonl) with "losses", the loss
     of every step."""
@@ -152,7 +147,8 @@ def train(out_dir: str | Path, seed: int = 11, minutes: float = 25.0, batch_size
     encoder = SamImageEncoderCache(sam.image_encoder)  # for its preprocessing only
     sam.image_encoder.requires_grad_(True).train()  # the cache froze it; here it learns
     optimizer = torch.optim.AdamW(sam.parameters(), lr=lr, weight_decay=0.01)
-    scenes = S.scene_stream(seed, 10**7)
+    schedule = BudgetSchedule(optimizer, warmup_share=0.03)
+    scenes = S.scene_stream(seed, 10**7, wide=wide)
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
     t0, step, window, losses_seen = time.time(), 0, [], []
@@ -161,8 +157,7 @@ def train(out_dir: str | Path, seed: int = 11, minutes: float = 25.0, batch_size
         progress = (step / max_steps) if max_steps else (time.time() - t0) / budget
         if progress >= 1:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(progress, lr)
+        schedule.set(step, progress)
         examples = [to_encoder_frame(next(scenes), encoder) for _ in range(batch_size)]
         features = sam.image_encoder(torch.stack([e.pixels for e in examples]))
         losses = []
@@ -186,7 +181,7 @@ def train(out_dir: str | Path, seed: int = 11, minutes: float = 25.0, batch_size
     sam.eval()
     save(sam, out / WEIGHTS_NAME)
     stats = {"steps": step, "minutes": round((time.time() - t0) / 60, 2)}
-    stats.update(evaluate(sam, seed=seed + 1000, n=eval_scenes))
+    stats.update(evaluate(sam, seed=seed + 1000, n=eval_scenes, wide=wide))
     print(json.dumps(stats), flush=True)
     with open(log_path, "a") as f:
         f.write(json.dumps(stats) + "\n")
@@ -200,15 +195,16 @@ def save(sam: Sam, path: str | Path) -> None:
 
 
 @torch.no_grad()
-def evaluate(sam: Sam, seed: int, n: int = 60) -> dict[str, float]:
-    """Mean IoU per object at the original image size on n held-out scenes of `seed`, for
+def evaluate(sam: Sam, seed: int, n: int = 60, wide: bool = False) -> dict[str, float]:
+    """Mean IoU per object at the original image size on n held-out scenes of `seed` (of
+    the wide world when `wide`), for
     the exact box, a coarse (24x24-pooled) mask plus its box, and one centre-most point
     (best of the three candidates by predicted IoU)."""
     encoder = SamImageEncoderCache(sam.image_encoder)
     prompts = SamPromptModel.from_sam(sam, TINY_SAM)
     rng = np.random.default_rng(seed)
     ious: dict[str, list[float]] = {"box": [], "mask": [], "point": []}
-    for scene in S.scene_stream(seed, n):
+    for scene in S.scene_stream(seed, n, wide=wide):
         embedding = encoder.encode(scene.image)
         frame = to_encoder_frame(scene, encoder)
         for obj, mask in zip(scene.objects, frame.masks):

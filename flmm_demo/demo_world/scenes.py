@@ -1,7 +1,11 @@
 """Synthetic scenes of coloured shapes, with exact masks and the language about them.
 
-A scene is 2-5 shapes (6-7 in the held-out mode) on a textured background. Everything
-is deterministic given a seed. The same module writes the text the tiny LMM learns
+A scene is 2-5 shapes (6-7 in the held-out mode) on a textured background. The wide
+world (`wide=True`) draws what users draw: any rotation, sizes tiny to large, white,
+black, tinted, gradient, noisy or textured backgrounds, filled and outlined shapes,
+JPEG artefacts, aspect ratios up to 2:1 and 1-7 shapes that may overlap; the classic
+world stays exactly as it was, seed for seed. Everything is deterministic given a seed.
+The same module writes the text the tiny LMM learns
 (descriptions, questions and answers, referring expressions) and a RefCOCO-style
 dataset folder so the grounding code reads it like the real thing.
 
@@ -9,7 +13,9 @@ Canonical order of objects is left to right by the centre of the shape.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +45,32 @@ DESCRIBE_PROMPTS = (
 )
 MIN_VISIBLE = 0.6  # each shape keeps at least this fraction of its pixels after occlusion
 
+# The wide world. Sizes are continuous from tiny to large (the size word follows the range
+# the diameter falls in); colours are drawn around several prototypes per name (the
+# project's own and the pure RGB ones a user's drawing tool offers).
+WIDE_SIZES: dict[str, tuple[float, float]] = {"small": (0.08, 0.23), "medium": (0.23, 0.35), "big": (0.35, 0.52)}
+WIDE_COLOURS: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "red": ((215, 35, 35), (255, 0, 0), (190, 20, 40)),
+    "yellow": ((235, 205, 30), (255, 255, 0), (250, 215, 70)),
+    "green": ((40, 165, 55), (0, 200, 0), (0, 128, 0)),
+    "cyan": ((40, 200, 215), (0, 255, 255), (0, 180, 200)),
+    "blue": ((35, 70, 215), (0, 0, 255), (30, 90, 250)),
+    "purple": ((150, 50, 185), (128, 0, 128), (160, 32, 240)),
+}
+BACKGROUNDS: tuple[str, ...] = ("white", "black", "tinted", "gradient", "noisy", "textured")
+WIDE_MIN_VISIBLE = 0.5
+WIDE_MAX_ASPECT = 2.0
+# Rotations that map a shape onto itself: the angle a viewer sees is the rotation modulo this.
+SYMMETRY_DEGREES = {"circle": 0.0, "square": 90.0, "triangle": 120.0, "cross": 90.0}
+
 
 @dataclass(frozen=True)
 class SceneObject:
     """One shape. mask: (H, W) bool, the pixels where it is visible (after occlusion).
 
     cx, cy: centre of the drawn shape in pixels; diameter: its nominal size in pixels;
-    depth: drawing order (0 is at the back).
+    depth: drawing order (0 is at the back); angle: its rotation in radians (0 for
+    circles); filled: False when only its outline is drawn (the mask is then the outline).
     """
 
     colour: str
@@ -56,6 +81,18 @@ class SceneObject:
     diameter: float
     depth: int
     mask: np.ndarray
+    angle: float = 0.0
+    filled: bool = True
+
+    @property
+    def rotation_degrees(self) -> float:
+        """How far the shape looks turned from upright, in [0, half its symmetry angle]:
+        a square turned 80 degrees looks turned 10; always 0 for circles."""
+        period = SYMMETRY_DEGREES[self.shape]
+        if period == 0:
+            return 0.0
+        turned = math.degrees(self.angle) % period
+        return min(turned, period - turned)
 
     @property
     def phrase(self) -> str:
@@ -71,11 +108,14 @@ class SceneObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """image: (H, W, 3) uint8. objects: left to right by centre."""
+    """image: (H, W, 3) uint8. objects: left to right by centre. background: one of
+    BACKGROUNDS; jpeg_quality: the JPEG quality the image went through (None: none)."""
 
     image: np.ndarray
     objects: tuple[SceneObject, ...]
     seed: int
+    background: str = "textured"
+    jpeg_quality: int | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -106,15 +146,17 @@ def _polygon(shape: str, cx: float, cy: float, d: float, angle: float) -> list[t
     return [(cx + x * c - y * s_, cy + x * s_ + y * c) for x, y in pts]
 
 
-def _shape_mask(shape: str, cx: float, cy: float, d: float, angle: float, width: int, height: int) -> np.ndarray:
-    """(H, W) bool of the full (unoccluded) shape."""
+def _shape_mask(shape: str, cx: float, cy: float, d: float, angle: float, width: int, height: int,
+                outline: int = 0) -> np.ndarray:
+    """(H, W) bool of the full (unoccluded) shape; outline > 0: only its outline, that many px wide."""
     canvas = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(canvas)
+    fill, line = (None, 1) if outline else (1, None)
     if shape == "circle":
         r = d / 2
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=line, width=max(1, outline))
     else:
-        draw.polygon(_polygon(shape, cx, cy, d, angle), fill=1)
+        draw.polygon(_polygon(shape, cx, cy, d, angle), fill=fill, outline=line, width=max(1, outline))
     return np.asarray(canvas, dtype=bool)
 
 
@@ -139,13 +181,15 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return img + rng.normal(0, rng.uniform(3, 10), size=(height, width, 3))
 
 
-def make_scene(seed: int, min_objects: int = 2, max_objects: int = 5) -> Scene:
-    """One scene, fully determined by seed.
+def make_scene(seed: int, min_objects: int = 2, max_objects: int = 5, wide: bool = False) -> Scene:
+    """One scene, fully determined by seed (and wide: the wide world, see make_wide_scene).
 
     Shapes are placed at random with overlaps allowed, but each keeps at least
     MIN_VISIBLE of its area and their centres are apart enough that 'left of' and the
     left-to-right order are clear.
     """
+    if wide:
+        return make_wide_scene(seed, min_objects, max_objects)
     rng = np.random.default_rng(seed)
     for _ in range(100):
         short = int(rng.integers(160, 257))
@@ -163,10 +207,100 @@ def make_scene(seed: int, min_objects: int = 2, max_objects: int = 5) -> Scene:
         rgb = np.array(COLOURS[colour], np.float32) + rng.uniform(-18, 18, size=3)
         full = _shape_mask(shape, cx, cy, d, angle, width, height)
         img[full] = rgb + rng.normal(0, 6, size=(int(full.sum()), 3))
-        objects.append(SceneObject(colour, shape, size, cx, cy, d, depth, mask))
+        objects.append(SceneObject(colour, shape, size, cx, cy, d, depth, mask, angle))
     objects.sort(key=lambda o: o.cx)
     image = np.clip(img, 0, 255).astype(np.uint8)
     return Scene(image=image, objects=tuple(objects), seed=seed)
+
+
+def make_wide_scene(seed: int, min_objects: int = 1, max_objects: int = 7) -> Scene:
+    """One scene of the wide world, fully determined by seed: a canvas of 128-320 px on
+    its short side and an aspect ratio up to 2:1; one of BACKGROUNDS; shapes at any
+    rotation, of continuous sizes (WIDE_SIZES), a quarter of them outlined only, each
+    keeping WIDE_MIN_VISIBLE of its pixels; the image then JPEG-compressed (quality
+    50-95) two times in three."""
+    rng = np.random.default_rng(seed)
+    for _ in range(100):
+        short = int(rng.integers(128, 321))
+        long_ = int(round(short * rng.uniform(1.0, WIDE_MAX_ASPECT)))
+        width, height = (long_, short) if rng.random() < 0.5 else (short, long_)
+        n = int(rng.integers(min_objects, max_objects + 1))
+        placed = _place_wide_objects(rng, n, width, height)
+        if placed is not None:
+            break
+    else:
+        raise RuntimeError(f"could not place {min_objects}-{max_objects} shapes for seed {seed}")
+    kind = BACKGROUNDS[int(rng.integers(0, len(BACKGROUNDS)))]
+    img = _wide_background(rng, kind, width, height)
+    objects = []
+    for depth, (colour, shape, size, cx, cy, d, angle, outline, mask) in enumerate(placed):
+        prototypes = WIDE_COLOURS[colour]
+        rgb = np.array(prototypes[int(rng.integers(0, len(prototypes)))], np.float32) + rng.uniform(-15, 15, size=3)
+        full = _shape_mask(shape, cx, cy, d, angle, width, height, outline)
+        img[full] = rgb + rng.normal(0, rng.uniform(0, 6), size=(int(full.sum()), 3))
+        objects.append(SceneObject(colour, shape, size, cx, cy, d, depth, mask, angle, filled=outline == 0))
+    objects.sort(key=lambda o: o.cx)
+    image = np.clip(img, 0, 255).astype(np.uint8)
+    quality = int(rng.integers(50, 96)) if rng.random() < 2 / 3 else None
+    if quality is not None:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+        image = np.asarray(Image.open(buffer).convert("RGB"))
+    return Scene(image=image, objects=tuple(objects), seed=seed, background=kind, jpeg_quality=quality)
+
+
+def _wide_background(rng: np.random.Generator, kind: str, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) float32 background of a kind of BACKGROUNDS."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == "white":
+        img = np.full((height, width, 3), rng.uniform(238, 255), np.float32)
+    elif kind == "black":
+        img = np.full((height, width, 3), rng.uniform(0, 30), np.float32)
+    elif kind == "tinted":  # a flat pale or muted colour, never one of the shapes' hues at full strength
+        img = np.broadcast_to(rng.uniform(90, 235) + rng.uniform(-35, 35, size=3), (height, width, 3)).copy()
+    elif kind == "gradient":  # between two random tints, in any direction
+        a, b = rng.uniform(20, 245, size=3), rng.uniform(20, 245, size=3)
+        ang = rng.uniform(0, 2 * np.pi)
+        t = np.cos(ang) * xx + np.sin(ang) * yy
+        t = (t - t.min()) / max(1e-6, float(t.max() - t.min()))
+        img = a + (b - a) * t[..., None]
+    elif kind == "noisy":
+        img = rng.uniform(60, 200) + rng.normal(0, rng.uniform(12, 35), size=(height, width, 3))
+        return img.astype(np.float32)
+    elif kind == "textured":
+        return _background(rng, width, height).astype(np.float32)
+    else:
+        raise ValueError(f"unknown background {kind!r}; expected one of {BACKGROUNDS}")
+    return (img + rng.normal(0, rng.uniform(0, 4), size=(height, width, 3))).astype(np.float32)
+
+
+def _place_wide_objects(rng: np.random.Generator, n: int, width: int, height: int):
+    """Like _place_objects for the wide world: any angle, continuous sizes, outlines
+    (outline width in px, 0: filled). None when the shapes do not fit."""
+    short = min(width, height)
+    sizes = list(WIDE_SIZES) if n <= 4 else ["small", "small", "medium"]
+    full_masks, params = [], []
+    min_dx = 0.06 * short
+    for _ in range(n):
+        size = sizes[int(rng.integers(0, len(sizes)))]
+        d = max(10.0, rng.uniform(*WIDE_SIZES[size]) * short)
+        colour = list(COLOURS)[int(rng.integers(0, len(COLOURS)))]
+        shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
+        outline = int(max(2, round(d * rng.uniform(0.05, 0.12)))) if rng.random() < 0.25 else 0
+        angle = 0.0 if shape == "circle" else float(rng.uniform(0, 2 * np.pi))
+        for _ in range(60):
+            cx = rng.uniform(d / 2 + 2, width - d / 2 - 2)
+            cy = rng.uniform(d / 2 + 2, height - d / 2 - 2)
+            if any(abs(cx - p[3]) < min_dx for p in params):
+                continue
+            m = _shape_mask(shape, cx, cy, d, angle, width, height, outline)
+            if _visible_ok(full_masks + [m], WIDE_MIN_VISIBLE):
+                full_masks.append(m)
+                params.append((colour, shape, size, cx, cy, d, angle, outline))
+                break
+        else:
+            return None
+    return [p + (v,) for p, v in zip(params, _visible(full_masks))]
 
 
 def _place_objects(rng: np.random.Generator, n: int, width: int, height: int):
@@ -210,15 +344,16 @@ def _visible(full_masks: list[np.ndarray]) -> list[np.ndarray]:
     return out[::-1]
 
 
-def _visible_ok(full_masks: list[np.ndarray]) -> bool:
-    return all(v.sum() >= MIN_VISIBLE * m.sum() for v, m in zip(_visible(full_masks), full_masks))
+def _visible_ok(full_masks: list[np.ndarray], min_visible: float = MIN_VISIBLE) -> bool:
+    return all(v.sum() >= min_visible * m.sum() for v, m in zip(_visible(full_masks), full_masks))
 
 
-def scene_stream(seed: int, n: int, held_out: bool = False) -> Iterator[Scene]:
-    """n scenes of the split named by seed; held_out: crowded scenes of 6-7 shapes."""
-    lo, hi = (6, 7) if held_out else (2, 5)
+def scene_stream(seed: int, n: int, held_out: bool = False, wide: bool = False) -> Iterator[Scene]:
+    """n scenes of the split named by seed; held_out: crowded scenes of 6-7 shapes;
+    wide: the wide world (1-7 shapes, or 6-7 when held_out)."""
+    lo, hi = (6, 7) if held_out else (1, 7) if wide else (2, 5)
     for i in range(n):
-        yield make_scene(seed * 1_000_003 + i, lo, hi)
+        yield make_scene(seed * 1_000_003 + i, lo, hi, wide=wide)
 
 
 # ----------------------------------------------------------------------------- language
@@ -331,17 +466,25 @@ def describe(scene: Scene) -> str:
     return text_of(describe_segments(scene))
 
 
-def questions_and_answer_segments(scene: Scene, rng: np.random.Generator) -> list[tuple[str, list[Segment]]]:
-    """Unambiguous questions about the scene with their annotated answers (shuffled)."""
+def questions_and_answer_segments(scene: Scene, rng: np.random.Generator,
+                                  short: bool = False) -> list[tuple[str, list[Segment]]]:
+    """Unambiguous questions about the scene with their annotated answers (shuffled).
+
+    short: the questions about colour, shape, count, position and yes/no get the short
+    answers of short_questions ('red', 'circle', 'three', 'left', 'yes') instead of
+    sentences ('the circle is red.'); identifying questions ('which shape is the
+    biggest?', 'what is left of the circle?') keep their phrase answers.
+    """
     objs = scene.objects
     refs = _referring(scene)
     qa: list[tuple[str, list[Segment]]] = []
     n = len(objs)
-    qa.append(("how many shapes are there?",
-               [(f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n != 1 else ''}.", None, None)]))
+    if not short:
+        qa.append(("how many shapes are there?",
+                   [(f"there {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n != 1 else ''}.", None, None)]))
     for i, obj in enumerate(objs):
         plain = [r for r in refs[i] if obj.colour not in r[0].split()]
-        if plain:
+        if plain and not short:
             qa.append((f"what colour is {plain[0][0]}?",
                        _expression_segments(i, *plain[0]) + [(f" is {obj.colour}.", None, None)]))
         if refs[i]:
@@ -360,7 +503,7 @@ def questions_and_answer_segments(scene: Scene, rng: np.random.Generator) -> lis
             qa.append((f"what is {rel} {refs[i][0][0]}?", ans))
     colours = [o.colour for o in objs]
     for k, obj in enumerate(objs):
-        if colours.count(obj.colour) == 1:
+        if colours.count(obj.colour) == 1 and not short:
             qa.append((f"what shape is the {obj.colour} one?",
                        [(f"the {obj.colour} one", k, k), (" is ", None, None), (f"a {obj.shape}", k, k),
                         (".", None, None)]))
@@ -371,30 +514,115 @@ def questions_and_answer_segments(scene: Scene, rng: np.random.Generator) -> lis
     if n >= 2 and objs[by_size[-1]].diameter * 1.2 <= objs[by_size[-2]].diameter:
         k = by_size[-1]
         qa.append(("which shape is the smallest?", [(f"the {objs[k].phrase}", k, k), (".", None, None)]))
-    colour = list(COLOURS)[int(rng.integers(0, len(COLOURS)))]
-    shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
-    present = [k for k, o in enumerate(objs) if (o.colour, o.shape) == (colour, shape)]
-    if present:
-        k = present[0]
-        qa.append((f"is there a {colour} {shape}?",
-                   [("yes, there is ", None, None), (f"a {objs[k].phrase}", k, k), (".", None, None)]))
+    if short:
+        qa += [(q, a) for _, q, a in short_question_segments(scene, rng)]
     else:
-        qa.append((f"is there a {colour} {shape}?", [(f"no, there is no {colour} {shape}.", None, None)]))
+        colour = list(COLOURS)[int(rng.integers(0, len(COLOURS)))]
+        shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
+        present = [k for k, o in enumerate(objs) if (o.colour, o.shape) == (colour, shape)]
+        if present:
+            k = present[0]
+            qa.append((f"is there a {colour} {shape}?",
+                       [("yes, there is ", None, None), (f"a {objs[k].phrase}", k, k), (".", None, None)]))
+        else:
+            qa.append((f"is there a {colour} {shape}?", [(f"no, there is no {colour} {shape}.", None, None)]))
     order = rng.permutation(len(qa))
     return [qa[k] for k in order]
 
 
-def questions_and_answers(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
+def questions_and_answers(scene: Scene, rng: np.random.Generator, short: bool = False) -> list[tuple[str, str]]:
     """Unambiguous questions about the scene with their answers (shuffled)."""
-    return [(q, text_of(a)) for q, a in questions_and_answer_segments(scene, rng)]
+    return [(q, text_of(a)) for q, a in questions_and_answer_segments(scene, rng, short)]
 
 
-def annotated_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3) -> list[tuple[str, list[Segment]]]:
-    """A chat of 1-max_turns (user, annotated answer) turns; most open with the description."""
+# ----------------------------------------------------------------------------- short answers
+
+QUESTION_KINDS: tuple[str, ...] = ("colour", "shape", "count", "position", "yes/no")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
+# Horizontal thirds of the image for 'where is ...?'; centres within this fraction of a
+# border between thirds are too close to call and not asked about.
+POSITION_MARGIN = 0.04
+
+
+def _position(scene: Scene, obj: SceneObject) -> str | None:
+    """'on the left', 'in the middle' or 'on the right' (thirds of the width); None near a border."""
+    x = obj.cx / scene.size[0]
+    if min(abs(x - 1 / 3), abs(x - 2 / 3)) < POSITION_MARGIN:
+        return None
+    return "on the left" if x < 1 / 3 else "in the middle" if x < 2 / 3 else "on the right"
+
+
+def _pick(rng: np.random.Generator, options: list):
+    return options[int(rng.integers(0, len(options)))]
+
+
+def short_question_segments(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, list[Segment]]]:
+    """(kind, question, annotated short answer) about colour, shape, count, position and
+    yes/no, each answerable from the scene alone: 'what color is the circle?' 'red';
+    'what shape is the red one?' 'circle'; 'how many squares are there?' 'two'; 'where
+    is the blue square?' 'on the left'; 'is there a green cross?' 'no'. Answers are
+    words without a full stop, as VQA answers are. Not shuffled; kinds in QUESTION_KINDS
+    order, several questions per kind."""
+    objs = scene.objects
+    refs = _referring(scene)
+    out: list[tuple[str, str, list[Segment]]] = []
+    for i, obj in enumerate(objs):  # colour: named without its colour
+        plain = [r for r in refs[i] if obj.colour not in r[0].split()]
+        if plain:
+            name = _pick(rng, plain)
+            template = _pick(rng, ["what colour is {}?", "what color is {}?", "which colour is {}?"])
+            out.append(("colour", template.format(name[0]), [(obj.colour, i, i)]))
+    colours = [o.colour for o in objs]
+    for k, obj in enumerate(objs):  # shape: named by its colour alone
+        if colours.count(obj.colour) == 1:
+            template = _pick(rng, ["what shape is the {} one?", "what shape is the {} object?",
+                                   "what is the {} shape?"])
+            out.append(("shape", template.format(obj.colour), [(obj.shape, k, k)]))
+    n = len(objs)
+    everything = _pick(rng, ["how many shapes are there?", "how many objects are there?"])
+    out.append(("count", everything, [(NUMBERS[n], None, None)]))
+    shape = _pick(rng, list(SHAPES))
+    out.append(("count", f"how many {PLURALS[shape]} are there?",
+                [(NUMBERS[sum(o.shape == shape for o in objs)], None, None)]))
+    colour = _pick(rng, list(COLOURS))
+    out.append(("count", f"how many {colour} shapes are there?",
+                [(NUMBERS[sum(o.colour == colour for o in objs)], None, None)]))
+    for i, obj in enumerate(objs):  # position
+        where = _position(scene, obj)
+        if refs[i] and where is not None:
+            out.append(("position", f"where is {refs[i][0][0]}?", [(where, i, i)]))
+        if refs[i] and where in ("on the left", "on the right") and rng.random() < 0.5:
+            out.append(("position", f"is {refs[i][0][0]} on the left or on the right?", [(where.split()[-1], i, i)]))
+    colour, shape = _pick(rng, list(COLOURS)), _pick(rng, list(SHAPES))
+    if rng.random() < 0.5:  # ask about a shape that is there half the time
+        obj = _pick(rng, list(objs))
+        colour, shape = obj.colour, obj.shape
+    present = any((o.colour, o.shape) == (colour, shape) for o in objs)
+    out.append(("yes/no", f"is there a {colour} {shape}?", [("yes" if present else "no", None, None)]))
+    shape = _pick(rng, list(SHAPES))
+    any_there = any(o.shape == shape for o in objs)
+    out.append(("yes/no", f"are there any {PLURALS[shape]}?", [("yes" if any_there else "no", None, None)]))
+    for i, obj in enumerate(objs):
+        plain = [r for r in refs[i] if obj.colour not in r[0].split()]
+        if plain and rng.random() < 0.5:
+            asked = obj.colour if rng.random() < 0.5 else _pick(rng, [c for c in COLOURS if c != obj.colour])
+            out.append(("yes/no", f"is {plain[0][0]} {asked}?", [("yes" if asked == obj.colour else "no", i, i)]))
+    return out
+
+
+def short_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(kind, question, short answer) triples; see short_question_segments."""
+    return [(kind, q, text_of(a)) for kind, q, a in short_question_segments(scene, rng)]
+
+
+def annotated_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3,
+                           short: bool = False) -> list[tuple[str, list[Segment]]]:
+    """A chat of 1-max_turns (user, annotated answer) turns; most open with the description.
+    short: questions get short answers (see questions_and_answer_segments)."""
     turns: list[tuple[str, list[Segment]]] = []
-    qa = questions_and_answer_segments(scene, rng)
+    qa = questions_and_answer_segments(scene, rng, short)
     n_turns = int(rng.integers(1, max_turns + 1))
-    if rng.random() < 0.7:
+    if rng.random() < (0.5 if short else 0.7):
         turns.append((DESCRIBE_PROMPTS[int(rng.integers(0, len(DESCRIBE_PROMPTS)))], describe_segments(scene)))
     for q in qa:
         if len(turns) >= n_turns:
@@ -431,13 +659,15 @@ def _tokens(sentence: str) -> list[str]:
     return sentence.replace(".", " ").replace(",", " ").split()
 
 
-def write_refer_dataset(out_dir: str | Path, n_images: int, seed: int, split: str, held_out: bool = False) -> Path:
+def write_refer_dataset(out_dir: str | Path, n_images: int, seed: int, split: str, held_out: bool = False,
+                        wide: bool = False) -> Path:
     """Write scenes in the RefCOCO layout under out_dir and return it.
 
     out_dir/instances.json (COCO: images, annotations with RLE segmentation, bbox,
     category_id; categories = the shapes), out_dir/refs(unc).p (pickled list of refs as
     the refer toolkit reads them) and out_dir/images/*.png. Writing a second split into
-    the same folder appends to both files, so train and val can live together.
+    the same folder appends to both files, so train and val can live together. wide:
+    scenes of the wide world (make_wide_scene).
     """
     from pycocotools import mask as mask_utils
 
@@ -457,7 +687,7 @@ def write_refer_dataset(out_dir: str | Path, n_images: int, seed: int, split: st
     next_ann = max((a["id"] for a in coco["annotations"]), default=0) + 1
     next_ref = max((r["ref_id"] for r in refs), default=-1) + 1
     next_sent = max((s["sent_id"] for r in refs for s in r["sentences"]), default=-1) + 1
-    for scene in scene_stream(seed, n_images, held_out):
+    for scene in scene_stream(seed, n_images, held_out, wide):
         file_name = f"{split}_{next_img:06d}.png"
         scene.pil().save(out / "images" / file_name)
         w, h = scene.size

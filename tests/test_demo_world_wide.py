@@ -1,0 +1,274 @@
+"""The wide demo world (what users draw), its short answers, the trainers' schedule,
+visual chain of thought within the demo model's context, and the app's photo notice."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from flmm_demo.demo_world import scenes as S  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wide_scenes() -> list[S.Scene]:
+    return list(S.scene_stream(31, 60, wide=True))
+
+
+def test_the_classic_world_is_untouched_by_the_wide_option():
+    a, b = S.make_scene(12), S.make_scene(12, wide=False)
+    assert np.array_equal(a.image, b.image) and a.background == "textured" and a.jpeg_quality is None
+    assert all(abs(o.angle) <= 0.2 for s in S.scene_stream(3, 20) for o in s.objects)
+    assert all(2 <= len(s.objects) <= 5 for s in S.scene_stream(3, 20))
+
+
+def test_wide_scenes_cover_every_factor(wide_scenes):
+    backgrounds = Counter(s.background for s in wide_scenes)
+    assert set(backgrounds) == set(S.BACKGROUNDS)
+    aspects = [max(s.size) / min(s.size) for s in wide_scenes]
+    assert max(aspects) <= S.WIDE_MAX_ASPECT + 0.01 and max(aspects) > 1.7
+    counts = Counter(len(s.objects) for s in wide_scenes)
+    assert min(counts) == 1 and max(counts) == 7
+    objects = [o for s in wide_scenes for o in s.objects]
+    assert {o.size for o in objects} == set(S.WIDE_SIZES)
+    assert 0.1 < np.mean([not o.filled for o in objects]) < 0.4
+    turned = [o.rotation_degrees for o in objects if o.shape == "square"]
+    assert max(turned) > 35 and min(turned) < 10
+    assert 0.4 < np.mean([s.jpeg_quality is not None for s in wide_scenes]) < 0.9
+    short = [min(s.size) for s in wide_scenes]
+    diameters = [o.diameter / min(s.size) for s in wide_scenes for o in s.objects]
+    assert min(short) >= 128 and max(short) <= 320 and min(diameters) < 0.12 and max(diameters) > 0.4
+    # Overlap: some shape is partly hidden, none below the minimum visible share.
+    assert any(o.mask.sum() < 0.9 * _full_area(o) for o in objects if o.filled)
+
+
+def _full_area(obj: S.SceneObject) -> float:
+    return float(S._shape_mask(obj.shape, obj.cx, obj.cy, obj.diameter, obj.angle, *obj.mask.shape[::-1]).sum())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_square_is_drawn_at_the_angle_it_claims(seed):
+    rng = np.random.default_rng(seed)
+    angle = float(rng.uniform(0, 2 * math.pi))
+    obj = S.SceneObject("red", "square", "big", 100.0, 100.0, 120.0, 0, np.zeros((1, 1), bool), angle)
+    mask = S._shape_mask("square", 100, 100, 120, angle, 200, 200)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    (_, _), (_, _), drawn = cv2.minAreaRect(contours[0])
+    drawn = drawn % 90
+    seen = min(drawn, 90 - drawn)
+    assert seen == pytest.approx(obj.rotation_degrees, abs=2.0)
+
+
+def test_backgrounds_outlines_and_jpeg_are_what_the_scene_says(wide_scenes):
+    for scene in wide_scenes:
+        background = ~np.any([o.mask for o in scene.objects], axis=0)
+        level = scene.image[background].mean()
+        if scene.background == "white":
+            assert level > 225
+        elif scene.background == "black":
+            assert level < 45
+        elif scene.background == "noisy":
+            assert scene.image[background].std() > 8
+        for obj in scene.objects:
+            if not obj.filled:  # only the outline is the object: its centre shows the background
+                assert not obj.mask[int(obj.cy), int(obj.cx)] or obj.shape == "cross"
+                assert obj.mask.sum() < 0.8 * _full_area(obj)  # less than the filled shape
+    jpeg = next(s for s in wide_scenes if s.jpeg_quality is not None)
+    again = S.make_scene(jpeg.seed, 1, 7, wide=True)
+    assert np.array_equal(jpeg.image, again.image)  # deterministic, artefacts included
+
+
+def _referent(scene: S.Scene, expression: str) -> S.SceneObject:
+    (obj,) = [o for o, names in zip(scene.objects, S.referring_expressions(scene)) if expression in names]
+    return obj
+
+
+def test_short_answers_are_right_for_generated_scenes(wide_scenes):
+    kinds = Counter()
+    for scene in wide_scenes + list(S.scene_stream(5, 20)):
+        objs = scene.objects
+        for kind, question, answer in S.short_questions(scene, np.random.default_rng(scene.seed)):
+            kinds[kind] += 1
+            assert answer == answer.strip() and "." not in answer and len(answer.split()) <= 3
+            if m := re.fullmatch(r"(?:what colou?r|which colour) is (.+)\?", question):
+                assert answer == _referent(scene, m.group(1)).colour
+            elif m := re.fullmatch(r"(?:what shape is the (\w+) (?:one|object)|what is the (\w+) shape)\?", question):
+                colour = m.group(1) or m.group(2)
+                (obj,) = [o for o in objs if o.colour == colour]
+                assert answer == obj.shape
+            elif question in ("how many shapes are there?", "how many objects are there?"):
+                assert answer == S.NUMBERS[len(objs)]
+            elif m := re.fullmatch(r"how many (\w+) are there\?", question):
+                shape = {v: k for k, v in S.PLURALS.items()}[m.group(1)]
+                assert answer == S.NUMBERS[sum(o.shape == shape for o in objs)]
+            elif m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
+                assert answer == S.NUMBERS[sum(o.colour == m.group(1) for o in objs)]
+            elif m := re.fullmatch(r"where is (.+)\?", question):
+                x = _referent(scene, m.group(1)).cx / scene.size[0]
+                assert answer == ("on the left" if x < 1 / 3 else "in the middle" if x < 2 / 3 else "on the right")
+            elif m := re.fullmatch(r"is (.+) on the left or on the right\?", question):
+                assert answer == ("left" if _referent(scene, m.group(1)).cx < scene.size[0] / 2 else "right")
+            elif m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
+                assert answer == ("yes" if any((o.colour, o.shape) == m.groups() for o in objs) else "no")
+            elif m := re.fullmatch(r"are there any (\w+)\?", question):
+                shape = {v: k for k, v in S.PLURALS.items()}[m.group(1)]
+                assert answer == ("yes" if any(o.shape == shape for o in objs) else "no")
+            elif m := re.fullmatch(r"is (.+) (\w+)\?", question):
+                assert answer == ("yes" if _referent(scene, m.group(1)).colour == m.group(2) else "no")
+            else:
+                pytest.fail(f"unchecked question {question!r}")
+    assert set(kinds) == set(S.QUESTION_KINDS) and min(kinds.values()) >= 20
+
+
+def test_short_qa_chats_replace_the_sentence_answers_and_every_word_is_known():
+    from flmm_demo.demo_world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    for scene in S.scene_stream(8, 10, wide=True):
+        rng = np.random.default_rng(scene.seed)
+        qa = S.questions_and_answers(scene, rng, short=True)
+        assert not any(q.startswith("what colour is") and a.endswith(".") for q, a in qa)
+        for q, a in qa:
+            assert tok.unk_token_id not in tok(f"{q} {a}")["input_ids"], (q, a)
+
+
+@pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
+def test_a_model_of_the_first_vocabulary_keeps_its_words_when_it_grows():
+    from flmm_demo.demo_world.lmm import extend_vocabulary, load
+    from flmm_demo.demo_world.tokenizer import _LATER_WORDS, vocabulary
+
+    # The first release's LMM was saved with the first vocabulary (76 tokens).
+    model, processor = load(REPO / "checkpoints/demo-shapes/lmm")
+    if len(processor.tokenizer) == len(vocabulary()):
+        pytest.skip("the shipped LMM already has today's vocabulary")
+    n_old = len(processor.tokenizer)
+    rows = model.get_input_embeddings().weight.detach().clone()
+    out_rows = model.lm_head.weight.detach().clone()
+    grown, new_processor = extend_vocabulary(model, processor)
+    assert len(new_processor.tokenizer) == len(vocabulary()) == n_old + len(_LATER_WORDS)
+    assert grown.get_input_embeddings().weight.shape[0] == len(vocabulary())
+    assert torch.equal(grown.get_input_embeddings().weight[:n_old], rows)
+    assert torch.equal(grown.lm_head.weight[:n_old], out_rows)
+    for word in ("red", "circle", "describe", "<image>"):
+        assert processor.tokenizer.convert_tokens_to_ids(word) == new_processor.tokenizer.convert_tokens_to_ids(word)
+    assert new_processor.tokenizer.convert_tokens_to_ids("circles") >= n_old
+
+
+def _old_lmm_rate(step: int, progress: float, peak: float, warmup: int) -> float:
+    """The hand-written schedule train-lmm had before BudgetSchedule (the reference curve)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _old_sam_rate(progress: float, peak: float, warmup: float = 0.03) -> float:
+    """The hand-written schedule train-sam had before BudgetSchedule."""
+    if progress < warmup:
+        return peak * max(progress, 1e-3) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def test_the_budget_schedule_draws_the_old_curves():
+    from flmm_demo.demo_world.schedule import BudgetSchedule
+
+    def optimizer(lr):
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+
+    for warmup in (0, 2, 50, 100):
+        schedule = BudgetSchedule(optimizer(1e-3), warmup_steps=warmup)
+        for step in range(0, 400, 7):
+            progress = step / 400
+            assert schedule.set(step, progress) == pytest.approx(_old_lmm_rate(step, progress, 1e-3, warmup),
+                                                                 rel=1e-4, abs=1e-9)
+    schedule = BudgetSchedule(optimizer(4e-4), warmup_share=0.03)
+    for progress in np.linspace(0, 1.2, 241):
+        assert schedule.set(0, float(progress)) == pytest.approx(_old_sam_rate(float(progress), 4e-4), rel=1e-4,
+                                                                 abs=1e-9)
+    with pytest.raises(ValueError, match="not both"):
+        BudgetSchedule(optimizer(1e-3), warmup_steps=3, warmup_share=0.1)
+
+
+def test_photos_are_told_apart_from_drawings(wide_scenes):
+    from PIL import Image
+
+    from flmm_demo.demo_world.examples import PHOTO_CAPTION, example_samples, looks_like_photo, photo_notice
+
+    assert sum(looks_like_photo(s.pil()) for s in wide_scenes) <= 1  # a strong gradient may pass for one
+    assert not any(looks_like_photo(s.pil()) for s in S.scene_stream(4, 10))
+    samples = example_samples(REPO / "assets", demo=True)
+    names = [Path(p).name for p, _ in samples]
+    photos = [Path(p).name for p, caption in samples if caption == PHOTO_CAPTION]
+    assert set(photos) == {"astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg"}
+    assert names[:3] == ["shapes_2.png", "shapes_24.png", "shapes_8.png"]
+    cat = Image.open(REPO / "assets" / "cat.jpg")
+    assert photo_notice(cat, demo=True).startswith("This looks like a photo")
+    assert "\n" not in photo_notice(cat, demo=True)
+    assert photo_notice(cat, demo=False) == "" and photo_notice(S.make_scene(4).pil(), demo=True) == ""
+
+
+@pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
+def test_visual_chain_of_thought_stays_within_the_demo_models_context():
+    from flmm_demo.backends import load_backend
+    from flmm_demo.grounder import Grounder
+
+    backend = load_backend(str(REPO / "checkpoints/demo-shapes/lmm"), device="cpu", dtype=torch.float32)
+    lengths = []  # of the prompts the model runs
+    prefilled = backend._prefilled
+
+    def recording(prompt):
+        lengths.append(prompt.input_ids.shape[1])
+        return prefilled(prompt)
+
+    backend._prefilled = recording
+    scene = S.make_scene(4, 2, 3)
+    session = Grounder(backend).new_session(scene.pil())
+    image = session.model_image
+    assert not backend.prompt_fits(image, [], "what colour is the circle?", [image], max_new_tokens=32)
+    cot = session.visual_cot("what colour is the circle?", max_new_tokens=32, mode="training_free")
+    assert cot.answer and backend.context_length == 1024
+    assert lengths and max(lengths) + 32 <= backend.context_length
+
+
+def test_the_tried_wide_round_is_made_of_commands_that_parse():
+    from transformers import HfArgumentParser
+
+    from flmm_demo.demo_world import recipe
+    from flmm_demo.demo_world.__main__ import build_parser
+    from flmm_demo.training.train import TrainConfig
+
+    head_parser = HfArgumentParser(TrainConfig)
+    lmm, data, head = recipe.WIDE_ROUND
+    args = build_parser().parse_args(list(lmm.args))
+    assert args.init == recipe.FINAL_LMM and args.wide_share == 0.7 and args.short_qa and args.tune_vision
+    assert build_parser().parse_args(list(data.args)).wide_train == 300
+    args = head_parser.parse_args(list(head.args[1:]))
+    assert args.model == lmm.out and str(args.data) == data.out and str(args.sam) == recipe.FINAL_SAM
+
+
+@pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
+def test_the_app_with_the_demo_model_lists_shapes_first_and_flags_an_uploaded_photo(tmp_path):
+    from PIL import Image
+
+    from flmm_demo import ui
+    from flmm_demo.grounder import Grounder
+    from flmm_demo.ui_callbacks import Callbacks
+    from flmm_demo.ui_state import ModelPool, SessionRegistry, UIState
+
+    assert [Path(p).name for p in ui.example_paths()[:3]] == ["shapes_2.png", "shapes_24.png", "shapes_8.png"]
+    callbacks = Callbacks(ModelPool(Grounder.from_preset("demo-shapes"), Grounder.from_preset), SessionRegistry(4),
+                          tmp_path, ui.example_paths(), math.inf)
+    state = UIState()
+    status = callbacks._start(state, Image.open(REPO / "assets" / "cat.jpg"), None)["status"]
+    assert "This looks like a photo" in status and "real preset" in status and "\n" not in status
+    status = callbacks._start(state, S.make_scene(3).pil(), None)["status"]
+    assert status.startswith("New conversation") and "photo" not in status
