@@ -241,6 +241,8 @@ class Callbacks:
         n = len(grounded)
         text = (f"Grounded {n} phrase{'s' if n != 1 else ''}. Click a phrase to see its mask."
                 if n else "No noun phrases found in the answer; type words to ground below.")
+        if session.context_note:
+            text += " " + session.context_note
         return {"status": text + confidence_note(state.items), "state": state, **self._view(state, alpha, show_heat)}
 
     def _ask_vcot(self, question: str, state: UIState, session: Session, before: list, max_tokens: int,

@@ -335,3 +335,17 @@ def test_good_server_options_are_parsed_into_values():
     args = app.parse_args(["--max-file-size", "5MB", "--session-ttl", "0", "--concurrency", "4", "--port", "8080"])
     assert (args.max_file_size, args.session_ttl, args.concurrency, args.port) == (5_000_000, math.inf, 4, 8080)
     assert app.parse_args([]).max_file_size == 20_000_000
+
+
+def test_a_long_chat_says_in_the_status_when_older_turns_no_longer_fit(demo_grounder, tmp_path):
+    page = Page(build_demo(demo_grounder, export_dir=tmp_path))
+    page.fire("on_image", {"image-in": {"path": str(SCENE)}})
+    question = " ".join(["what colour is the big red circle left of the small blue square?"] * 12)
+    statuses = []
+    for _ in range(4):
+        page.fire("on_ask", {"question": question, "max-tokens": 8, "mode": "head", "refine": False,
+                             "vcot": False, "alpha": 0.55, "show-heat": False})
+        statuses.append(page.shown("status"))
+    assert "token context" not in statuses[0]
+    assert "oldest" in statuses[-1] and "1,024-token context" in statuses[-1], statuses[-1]
+    assert len(page.values[page.state].session.history) == 4  # the user's chat is all kept
