@@ -37,6 +37,17 @@ FAMILY_BUILDERS: dict[str, Callable[[], tuple]] = {
 }
 
 
+@pytest.fixture
+def ckpt(tmp_path, monkeypatch) -> Path:
+    """An empty checkpoints/ folder and Hugging Face cache, downloads off, no preset chosen."""
+    monkeypatch.setenv("FLMM_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("FLMM_PRESET", raising=False)
+    (tmp_path / "checkpoints").mkdir()
+    return tmp_path / "checkpoints"
+
+
 @pytest.fixture(scope="session")
 def family_backend() -> Callable[[str], Backend]:
     """family name -> its tiny random Backend, built once per session (do not mutate it)."""

@@ -13,32 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import (
-    Idefics3Config,
-    Idefics3Processor,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLProcessor,
-    Qwen2VLConfig,
-    Qwen2VLProcessor,
-    SmolVLMConfig,
-)
-from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from flmm_demo.backends import load_backend
 from flmm_demo.backends.idefics3 import Idefics3Backend, SmolVLMBackend
 from flmm_demo.backends.qwen2_vl import Qwen3VLBackend, Qwen25VLBackend, Qwen2VLBackend
-from flmm_demo.backends.testing import QWEN_CHAT_TEMPLATE as QWEN_TEMPLATE
-from flmm_demo.backends.testing import byte_tokenizer, tiny_qwen3_vl
+from flmm_demo.backends.testing import tiny_qwen2_vl, tiny_qwen3_vl
+from flmm_demo.backends.testing import tiny_idefics3 as tiny_idefics3_parts
 from flmm_demo.types import AnswerAttention, Turn
 
-SMOLVLM_TEMPLATE = (
-    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
-    "{% if m['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'image' %}<image>{% endif %}"
-    "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
 HISTORY = [Turn("Hi there.", "Hello!")]
 QUESTION = "What is in the picture?"
 ANSWER = "A red square at the bottom right."
@@ -53,75 +35,15 @@ def gradient_image(width: int, height: int) -> Image.Image:
 
 
 def tiny_qwen(version: str, seed: int = 0) -> Qwen2VLBackend:
-    specials = [
-        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
-    ]
-    tokenizer = byte_tokenizer(specials, eos="<|im_end|>", pad="<|endoftext|>")
-    ids = dict(zip(specials, tokenizer.convert_tokens_to_ids(specials)))
-    # 28 * 28 * 16 pixels at most: a few merged tokens per image.
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 20)
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-    )
-    vision = dict(depth=1, hidden_size=32, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    tokens = dict(
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(seed)
-    if version == "qwen2_vl":
-        config = Qwen2VLConfig(text_config=text, vision_config=vision | {"embed_dim": 32}, **tokens)
-        processor_class, backend_class = Qwen2VLProcessor, Qwen2VLBackend
-    else:
-        vision |= {"depth": 2, "intermediate_size": 64, "out_hidden_size": 32, "window_size": 56, "fullatt_block_indexes": [1]}
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
-        processor_class, backend_class = Qwen2_5_VLProcessor, Qwen25VLBackend
-    model = backend_class.model_class(config)
-    processor = processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=QWEN_TEMPLATE,
-    )
-    return backend_class(model, processor)
+    """The tiny Qwen2-VL ("qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl") of backends.testing, as a backend."""
+    backend_class = Qwen2VLBackend if version == "qwen2_vl" else Qwen25VLBackend
+    return backend_class(*tiny_qwen2_vl(version, seed))
 
 
 def tiny_idefics3(do_image_splitting: bool = True, smolvlm: bool = False, seed: int = 0) -> Idefics3Backend:
-    """Idefics3 (SmolVLM v1) or, with smolvlm=True, the SmolVLM2 model class.
-
-    Both use Idefics3Processor here: SmolVLMProcessor lays the image out the same way but
-    needs the num2words package.
-    """
-    rows_cols = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    markers = ["<fake_token_around_image>", "<image>", "<global-img>", *rows_cols]
-    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", *markers]
-    tokenizer = byte_tokenizer(specials, eos="<end_of_utterance>", pad="<|endoftext|>")
-    ids = dict(zip(specials, tokenizer.convert_tokens_to_ids(specials)))
-    # Tiles of 56 px (4x4 patches of 14 px, pixel shuffle 2 -> 2x2 tokens), longest edge 168 px.
-    image_processor = Idefics3ImageProcessorPil(
-        size={"longest_edge": 168}, max_image_size={"longest_edge": 56}, do_image_splitting=do_image_splitting
-    )
-    processor = Idefics3Processor(
-        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4, chat_template=SMOLVLM_TEMPLATE
-    )
-    config_class, backend_class = (SmolVLMConfig, SmolVLMBackend) if smolvlm else (Idefics3Config, Idefics3Backend)
-    config = config_class(
-        text_config=dict(
-            model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-            bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=14
-        ),
-        image_token_id=ids["<image>"],
-        scale_factor=2,
-    )
-    torch.manual_seed(seed)
-    return backend_class(backend_class.model_class(config), processor)
+    """The tiny Idefics3 (or, smolvlm=True, SmolVLM2) of backends.testing, as a backend."""
+    backend_class = SmolVLMBackend if smolvlm else Idefics3Backend
+    return backend_class(*tiny_idefics3_parts(do_image_splitting, smolvlm, seed))
 
 
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm"])

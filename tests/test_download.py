@@ -81,17 +81,6 @@ def server():
     httpd.server_close()
 
 
-@pytest.fixture
-def ckpt(tmp_path, monkeypatch):
-    """Empty checkpoints/ and HF cache, downloads off, SAM and head URLs on no server yet."""
-    monkeypatch.setenv("FLMM_CHECKPOINTS", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("FLMM_PRESET", raising=False)
-    (tmp_path / "checkpoints").mkdir()
-    return tmp_path / "checkpoints"
-
-
 @pytest.fixture(scope="module")
 def tiny_head_bytes():
     """A released-format head (F-LMM's names, fp16) for an LMM of 2 layers x 2 heads, hidden 32."""

@@ -10,17 +10,6 @@ from flmm_demo.heads.sam import SAM_CHECKPOINT_NAMES
 from flmm_demo.presets import PRESETS, MissingWeightsError, default_preset_name, resolve_preset
 
 
-@pytest.fixture
-def ckpt(tmp_path, monkeypatch):
-    """An empty checkpoints dir and HF cache, downloads off."""
-    monkeypatch.setenv("FLMM_CHECKPOINTS", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("FLMM_PRESET", raising=False)
-    (tmp_path / "checkpoints").mkdir()
-    return tmp_path / "checkpoints"
-
-
 def _model_folder(folder, model_type="llava"):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
