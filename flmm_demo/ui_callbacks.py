@@ -223,8 +223,11 @@ class Callbacks:
             return
         answer = session.history[-1].assistant
         chat[-1]["content"] = answer
-        yield {"chatbot": chat, "answer_text": answer, "status": "Grounding the phrases of the answer…"}
-        yield self._ground_answer(state, session, answer, mode, refine, alpha, show_heat)
+        shown = {"chatbot": chat, "answer_text": answer}
+        yield shown | {"status": "Grounding the phrases of the answer…"}
+        # The last update repeats the answer: an API client (/ask) receives only that one.
+        final = self._ground_answer(state, session, answer, mode, refine, alpha, show_heat)
+        yield shown | final if final else final
 
     def _ground_answer(self, state: UIState, session: Session, answer: str, mode: Mode, refine: bool,
                        alpha: float, show_heat: bool) -> Update:
@@ -272,10 +275,11 @@ class Callbacks:
         text = (f"**First answer (whole image):** {cot.first_answer}\n\n"
                 f"**Relevant object:** {obj_text}; crop box ({x0}, {y0}, {x1}, {y1})\n\n"
                 f"**Answer with the crop:** {cot.answer}")
-        yield {"chatbot": chat, "vcot_panel": gr.Column(visible=True), "vcot_object": obj_img,
-               "vcot_crop": enlarged(cot.crop), "vcot_text": text, "answer_text": cot.first_answer,
-               "status": "Grounding the phrases of the answer…"}
-        yield self._ground_answer(state, session, cot.first_answer, mode, refine, alpha, show_heat)
+        shown = {"chatbot": chat, "vcot_panel": gr.Column(visible=True), "vcot_object": obj_img,
+                 "vcot_crop": enlarged(cot.crop), "vcot_text": text, "answer_text": cot.first_answer}
+        yield shown | {"status": "Grounding the phrases of the answer…"}
+        final = self._ground_answer(state, session, cot.first_answer, mode, refine, alpha, show_heat)
+        yield shown | final if final else final
 
     def on_clear(self, state: UIState) -> Update:
         if state.session is not None:

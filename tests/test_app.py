@@ -349,3 +349,22 @@ def test_a_long_chat_says_in_the_status_when_older_turns_no_longer_fit(demo_grou
     assert "token context" not in statuses[0]
     assert "oldest" in statuses[-1] and "1,024-token context" in statuses[-1], statuses[-1]
     assert len(page.values[page.state].session.history) == 4  # the user's chat is all kept
+
+
+def test_the_ask_endpoint_returns_the_answer_text_through_the_api(tiny_grounder, tmp_path):
+    """An API client receives only the last update of /ask: it must still hold the answer."""
+    from gradio_client import Client, handle_file
+
+    demo = build_demo(tiny_grounder, export_dir=tmp_path)
+    demo.queue().launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        client.predict(handle_file(str(SCENE)), api_name="/set_image")
+        result = client.predict("What is here?", 16, "head", False, False, 0.55, False, api_name="/ask")
+        outputs = dict(zip(["question", "conversation", "status", "relevant_object", "crop", "vcot_text", "answer"],
+                           result))
+        assert outputs["answer"] == ANSWER
+        assert outputs["conversation"][-1]["content"][0]["text"] == ANSWER
+        assert outputs["status"].startswith("Grounded")
+    finally:
+        demo.close()
