@@ -37,6 +37,10 @@ shipped LMM (scenes of seeds 100-105) and head (seed 1) never saw:
    descriptions, the share of described phrases naming a colour and shape that is not in
    the scene, and short questions (one per kind: colour, shape, count, position, yes/no;
    exact match after lower-casing and dropping punctuation).
+5. Scenes drawn outside the generator (`benchmarks/outside_scenes.py`, OpenCV, its own
+   layout, colours and geometry; never used for training), close to the training
+   conditions and varied as issue 15 describes (--outside-scenes, --outside-lmm-scenes):
+   the same segmentation rows per factor and the same answer measures as the variation set.
 
 Prints markdown tables (n on every row), the command, and the time each part took;
 --json also writes every number.
@@ -72,6 +76,7 @@ from flmm_demo.heads import load_head, load_sam  # noqa: E402
 from flmm_demo.training.evaluate import EvalConfig, evaluate  # noqa: E402
 from flmm_demo.training.metrics import IoUAccumulator, SegmentationScores  # noqa: E402
 from flmm_demo.training.refer import ReferImage, ReferObject, open_refer  # noqa: E402
+from outside_scenes import outside_scenes  # noqa: E402  (benchmarks/, the script's folder)
 
 DEFAULT_MODEL = "checkpoints/demo-shapes/lmm"
 DEFAULT_HEAD = "checkpoints/demo-shapes/head"
@@ -185,6 +190,9 @@ def phrase_grounding(grounder: Grounder, scenes: list[Scene], modes: tuple[tuple
 # ------------------------------------------------------------------ the variation set
 
 VARIATION_OFFSET = 4000  # variation scenes: seed + 4000 (segmentation), seed + 4010 (answers)
+OUTSIDE_OFFSET = 5000  # outside scenes: seed + 5000 (segmentation), seed + 5500 (answers)
+# The scenes drawn outside the generator (benchmarks/outside_scenes.py): (name, varied).
+OUTSIDE_SETS = (("outside, close to training", False), ("outside, varied", True))
 FACTORS = ("rotation", "background", "target size", "shapes in the scene", "drawn")
 
 
@@ -255,6 +263,9 @@ def run(args: argparse.Namespace) -> dict:
         if n:
             scenes = list(scene_stream(args.seed + offset, n, wide=wide))
             results["answers"][name] = evaluate_answers(model, processor, scenes, seed=args.seed + offset)
+    for name, varied in OUTSIDE_SETS if args.outside_lmm_scenes else ():
+        scenes = outside_scenes(args.seed + OUTSIDE_OFFSET + 500, args.outside_lmm_scenes, varied)
+        results["answers"][name] = evaluate_answers(model, processor, scenes, seed=args.seed + OUTSIDE_OFFSET + 500)
     del model
     timings["short answers and hallucinations"] = time.time() - start
 
@@ -302,6 +313,14 @@ def run(args: argparse.Namespace) -> dict:
     results["variation"] = variation_segmentation(grounder, scenes, modes) if scenes else None
     results["variation_scenes"] = len(scenes)
     timings["variation set"] = time.time() - start
+
+    start = time.time()
+    results["outside"] = {}
+    for name, varied in OUTSIDE_SETS if args.outside_scenes else ():
+        scenes = outside_scenes(args.seed + OUTSIDE_OFFSET, args.outside_scenes, varied)
+        results["outside"][name] = variation_segmentation(grounder, scenes, modes)
+    results["outside_scenes"] = args.outside_scenes
+    timings["outside scenes"] = time.time() - start
     results["timings_s"] = timings
     if args.data_dir is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -343,21 +362,28 @@ def markdown(results: dict) -> str:
                   "", "| method | cIoU | mean IoU | n phrases |", "|---|---|---|---|"]
         for label, s in p["scores"].items():
             lines.append(f"| {label} | {s.ciou:.3f} | {s.giou:.3f} | {s.n} |" if s else f"| {label} | - | - | 0 |")
-    v = results.get("variation")
-    if v:
-        labels = list(v)
-        lines += ["", f"### Variation set: referring segmentation, cIoU ({results['variation_scenes']} scenes "
-                  "of the wide world)", "",
-                  "| factor | value | " + " | ".join(labels) + " | n expressions |",
-                  "|---|---|" + "---|" * len(labels) + "---|"]
-        first = v[labels[0]]
-        for factor in ("all",) + FACTORS:
-            for value in first.get(factor, {}):
-                cells = " | ".join(f"{v[label][factor][value].ciou:.3f}" for label in labels)
-                lines.append(f"| {factor} | {value} | {cells} | {first[factor][value].n} |")
+    if results.get("variation"):
+        lines += factor_table(f"Variation set: referring segmentation, cIoU ({results['variation_scenes']} scenes "
+                              "of the wide world)", results["variation"])
+    for name, v in results.get("outside", {}).items():
+        lines += factor_table(f"Scenes drawn outside the generator, {name.split(', ', 1)[1]}: referring "
+                              f"segmentation, cIoU ({results['outside_scenes']} scenes)", v)
     lines += ["", "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items()),
               "", f"Command: `python {results['command']}`"]
     return "\n".join(lines)
+
+
+def factor_table(title: str, v: dict) -> list[str]:
+    """Markdown lines of one set's cIoU per factor and value, a column per method."""
+    labels = list(v)
+    lines = ["", f"### {title}", "", "| factor | value | " + " | ".join(labels) + " | n expressions |",
+             "|---|---|" + "---|" * len(labels) + "---|"]
+    first = v[labels[0]]
+    for factor in ("all",) + FACTORS:
+        for value in first.get(factor, {}):
+            cells = " | ".join(f"{v[label][factor][value].ciou:.3f}" for label in labels)
+            lines.append(f"| {factor} | {value} | {cells} | {first[factor][value].n} |")
+    return lines
 
 
 def _jsonable(value):
@@ -383,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="scenes of the wide world for the variation set's segmentation rows")
     parser.add_argument("--variation-lmm-scenes", type=int, default=64,
                         help="scenes of the wide world for the LMM's descriptions and short questions")
+    parser.add_argument("--outside-scenes", type=int, default=0,
+                        help="scenes drawn outside the generator (benchmarks/outside_scenes.py), close to training "
+                             "and varied, for segmentation rows per factor")
+    parser.add_argument("--outside-lmm-scenes", type=int, default=0,
+                        help="scenes drawn outside the generator, close and varied, for descriptions and short questions")
     parser.add_argument("--data-dir", help="keep the generated held-out datasets here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write every number here")

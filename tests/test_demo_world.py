@@ -316,10 +316,14 @@ def test_tiny_training_lowers_the_loss_and_saves_a_loadable_llava(tiny_demo_lmm,
     assert tower and all(torch.equal(before[k], after[k]) for k in tower)
     assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)
 
-    # On the wide world with short answers and the tower tuned: the tower moves too.
+    # On the wide world with short answers and the tower tuned: the tower moves too, after
+    # a linear probe that fits the fresh patch heads to the frozen tower first.
+    lines: list[str] = []
     stats = train(LmmTrainConfig(tmp_path / "lmm3", seed=1, tiny=True, init=tmp_path / "lmm2", tune_vision=True,
-                                 vision_lr=5e-4, wide_share=0.5, short_qa=True), log=lambda _: None)
+                                 probe_share=0.5, vision_lr=5e-4, wide_share=0.5, short_qa=True), log=lines.append)
     assert stats["vision_loss"] < stats["first_vision_loss"]
+    vision_lines = [line for line in lines if line.startswith("vision step")]
+    assert [" probe " in line for line in vision_lines] == [True, False]  # one log line per phase (steps 0)
     model3 = LlavaForConditionalGeneration.from_pretrained(tmp_path / "lmm3")
     assert any(not torch.equal(after[k], model3.state_dict()[k]) for k in tower)
 

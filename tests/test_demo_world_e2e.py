@@ -89,9 +89,14 @@ def test_miniature_run_trains_a_head_whose_loss_falls_and_the_benchmark_runs(tin
     eval_demo_world.main([
         "--model", str(lmm), "--head", str(refined.head_dir), "--sam", str(sam_file),
         "--scenes", "1", "--crowded-scenes", "1",
-        "--limit", "2", "--lmm-scenes", "2", "--phrase-scenes", "1", "--json", str(out),
+        "--limit", "2", "--lmm-scenes", "2", "--phrase-scenes", "1", "--outside-scenes", "1",
+        "--outside-lmm-scenes", "1", "--json", str(out),
     ])
     table = json.loads(out.read_text())
+    assert set(table["outside"]) == {"outside, close to training", "outside, varied"}
+    for rows in table["outside"].values():
+        assert 0.0 <= rows["U-Net head + SAM refiner (trained)"]["all"]["all"]["ciou"] <= 1.0
+    assert {"outside, close to training", "outside, varied"} <= set(table["answers"])
     for rows in table["segmentation"].values():
         assert {"U-Net head (trained)", "U-Net head + SAM refiner (trained)", "training-free",
                 "training-free + SAM prompts", "oracle: ground-truth box"} <= set(rows)

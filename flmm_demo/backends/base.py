@@ -65,6 +65,7 @@ import re
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -173,6 +174,19 @@ def check_model_folder(path_or_id: str) -> None:
             f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): copy the tokenizer files "
             "that came with the model into it, or download the model again."
         )
+
+
+@contextmanager
+def _counting_tokens() -> Iterator[None]:
+    """Silence the tokenizer's "indexing errors" warning while a prompt is only measured
+    (a prompt longer than the context is then a question asked, not a run that will fail)."""
+    tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
+    level = tokenizer_log.level
+    tokenizer_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tokenizer_log.setLevel(level)
 
 
 def _first_line(err: BaseException) -> str:
@@ -331,14 +345,8 @@ class Backend:
         limit = self.context_length
         if limit is None:
             return True
-        # Counting, not running: the tokenizer's "indexing errors" warning would be a false alarm.
-        tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")
-        level = tokenizer_log.level
-        tokenizer_log.setLevel(logging.ERROR)
-        try:
+        with _counting_tokens():
             prompt = self.build_prompt(image, history, question, "chat", "", extra_images)
-        finally:
-            tokenizer_log.setLevel(level)
         return prompt.input_ids.shape[1] + max_new_tokens <= limit
 
     # ----------------------------------------------------------------- prompts
@@ -471,7 +479,8 @@ class Backend:
             return 0, max_new_tokens
 
         def length(first: int) -> int:
-            prompt = self.build_prompt(image, history[first:], question, "chat", answer_start, extra_images)
+            with _counting_tokens():
+                prompt = self.build_prompt(image, history[first:], question, "chat", answer_start, extra_images)
             return prompt.input_ids.shape[1]
 
         if length(0) + max_new_tokens <= limit:

@@ -1,6 +1,6 @@
 """Commands of the demo world.
 
-    python -m flmm_demo.demo_world rebuild [--dry-run]     # the shipped weights, every step (about 5.3 h)
+    python -m flmm_demo.demo_world rebuild [--dry-run]     # the shipped weights, every step (about 7 h)
     python -m flmm_demo.demo_world train-lmm --out runs/lmm-base --seed 0 --minutes 50 --vision-share 0.4 --low-res-share 0.6
     python -m flmm_demo.demo_world train-lmm --init runs/lmm-base --out runs/lmm-ground --minutes 25 --ground-share 0.5 --chat-lr 5e-4
     python -m flmm_demo.demo_world train-sam --out runs/sam-tiny --seed 11 --minutes 25
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="questions about colour, shape, count, position and yes/no get short answers ('red', 'three')")
     p.add_argument("--tune-vision", action="store_true",
                    help="with --init: first tune the vision tower on patch labels for --vision-share of the budget")
+    p.add_argument("--probe-share", type=float, default=0.0,
+                   help="with --tune-vision: share of the vision stage that trains only the fresh patch heads "
+                        "on the frozen tower (a linear probe) before the tower is tuned")
     p.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision stage")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         train(LmmTrainConfig(
             args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
             vision_share=args.vision_share, low_res_share=args.low_res_share, vision_lr=args.vision_lr,
-            tune_vision=args.tune_vision, attention_weight=args.attention_weight, ground_share=args.ground_share,
+            tune_vision=args.tune_vision, probe_share=args.probe_share, attention_weight=args.attention_weight,
+            ground_share=args.ground_share,
             ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr, rope_theta=args.rope_theta,
             wide_share=args.wide_share, short_qa=args.short_qa, threads=args.threads))
     elif args.command == "train-sam":

@@ -333,7 +333,9 @@ class LmmTrainConfig:
 
     init: continue from a saved model instead, on the scene pool of seed + 100 (a new pool
     for a new seed): the whole budget is chat, unless tune_vision, which first tunes the
-    tower on patch labels for vision_share of it at vision_lr (new scenes may look new to it).
+    tower on patch labels for vision_share of it at vision_lr (new scenes may look new to it);
+    its first probe_share trains only the fresh patch heads on the frozen tower, so the
+    tower is not moved by heads that are still at chance.
     rope_theta: a new RoPE base for the language model (see set_rope_theta).
     wide_share: share of the pool drawn from the wide world (scenes.make_wide_scene).
     short_qa: questions about colour, shape, count, position and yes/no get short answers.
@@ -349,6 +351,7 @@ class LmmTrainConfig:
     low_res_share: float = 0.0
     vision_lr: float = 2e-3
     tune_vision: bool = False
+    probe_share: float = 0.0
     attention_weight: float = 1.0
     ground_share: float = 0.0
     ground_turns: int = 1
@@ -438,9 +441,22 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool,
     """Stage 1: the vision tower learns per-patch labels for `seconds` (first on the
     low-resolution copy, when there is one, for config.low_res_share of the time)."""
     heads = PatchHeads(size.vision_hidden)
-    params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=0.01)
+    stats: dict[str, float] = {}
     max_steps = 6 if config.tiny else 1_000_000
+    probe = config.probe_share * seconds if config.init is not None else 0.0
+    if probe > 0:  # a tower that is already trained: fit fresh heads to it first (linear probe)
+        stats.update(_vision_phase(model, heads, pool, None, config, rng, probe, max_steps, log, tower=False))
+    tuned = _vision_phase(model, heads, pool, low, config, rng, seconds - probe, max_steps, log, tower=True)
+    return {**tuned, **{k: v for k, v in stats.items() if k.startswith("first_")}}
+
+
+def _vision_phase(model: LlavaForConditionalGeneration, heads: PatchHeads, pool: ScenePool,
+                  low: tuple[torch.Tensor, torch.Tensor] | None, config: LmmTrainConfig, rng: np.random.Generator,
+                  seconds: float, max_steps: int, log, tower: bool) -> dict[str, float]:
+    """One phase of stage 1: the patch heads, and the tower too when `tower` (otherwise the
+    tower runs without gradients: a cheap linear probe of its current features)."""
+    params = list(heads.parameters()) + (list(model.model.vision_tower.parameters()) if tower else [])
+    optimizer = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=0.01)
     schedule = BudgetSchedule(optimizer, warmup_steps=min(50, max_steps // 3))
     stats: dict[str, float] = {}
     start, step = time.time(), 0
@@ -449,7 +465,9 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool,
         elapsed = step / max_steps if config.tiny else (time.time() - start) / seconds
         in_low = low is not None and elapsed < config.low_res_share
         pixels, labels = low if in_low else (pool.pixels, pool.patch_labels)
-        loss, accs = heads(_vision_features(model, pixels[idx].float()), labels[idx])
+        with torch.set_grad_enabled(tower):
+            feats = _vision_features(model, pixels[idx].float())
+        loss, accs = heads(feats, labels[idx])
         schedule.set(step, max(step / max_steps, (time.time() - start) / seconds))
         optimizer.zero_grad()
         loss.backward()
@@ -459,8 +477,8 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool,
         stats["vision_loss"] = loss.item()
         if step % 20 == 0:
             acc = " ".join(f"{n} {a:.2f}" for n, a in accs.items())
-            log(f"vision step {step} {'low-res ' if in_low else ''}loss {loss.item():.3f} patch acc: {acc} "
-                f"({time.time() - start:.0f}s)")
+            phase = ("" if tower else "probe ") + ("low-res " if in_low else "")
+            log(f"vision step {step} {phase}loss {loss.item():.3f} patch acc: {acc} ({time.time() - start:.0f}s)")
         step += 1
     return stats
 

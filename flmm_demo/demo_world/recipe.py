@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 5.3 hours on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 7 hours on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -35,12 +35,14 @@ def _round(out: str, why: str, *args: str) -> Step:
     return Step("flmm_demo.demo_world", ("train-lmm", "--out", out, *args), out, why)
 
 
-FINAL_LMM = "runs/lmm-rope2"  # the last round's folder: the LMM that ships
-HEAD_DATA = "data/demo-shapes-train"
+CLASSIC_LMM = "runs/lmm-rope2"  # the last round of the classic world (the LMM of releases before issue 15)
+FINAL_LMM = "runs/lmm-wide2"  # the round on the wide world: the LMM that ships
+HEAD_DATA = "data/demo-shapes-mix"
 FIRST_SAM = "runs/sam-tiny"
-SAM_RUN = "runs/sam-tiny2"  # the second round's folder: the SAM that ships
+CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
+SAM_RUN = "runs/sam-wide2"  # the last round on the wide world: the SAM that ships
 FINAL_SAM = f"{SAM_RUN}/sam_vit_tiny.safetensors"  # where `train-sam` saves it
-HEAD_RUN = "runs/demo-shapes-head-sam"
+HEAD_RUN = "runs/demo-shapes-head-wide2"
 FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
 
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
@@ -60,45 +62,33 @@ STEPS: tuple[Step, ...] = (
     _round("runs/lmm-rope", "RoPE base 1e4 -> 1e6: more rotary pairs free to match words to image tokens",
            "--init", "runs/lmm-dense", "--seed", "4", "--minutes", "30", "--chat-lr", "1e-3", "--rope-theta", "1e6",
            *GROUND),
-    _round(FINAL_LMM, "a second round on the new base",
+    _round(CLASSIC_LMM, "a second round on the new base",
            "--init", "runs/lmm-rope", "--seed", "5", "--minutes", "25", "--chat-lr", "1e-3", *GROUND),
+    _round(FINAL_LMM, "the wide world (half the pool) with short answers; the tower tuned after a linear probe",
+           "--init", CLASSIC_LMM, "--seed", "7", "--minutes", "70", "--scenes", "2000", "--wide-share", "0.5",
+           "--short-qa", "--tune-vision", "--vision-share", "0.3", "--probe-share", "0.25", "--vision-lr", "5e-4",
+           "--chat-lr", "5e-4", "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3",
+           "--threads", "1"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
-                                  "--val", "0"),
-         HEAD_DATA, "the head's training scenes: 600 scenes of 2-5 shapes, RefCOCO layout"),
+                                  "--val", "0", "--wide-train", "600"),
+         HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 600 of the wide world (seed 4)"),
     Step("flmm_demo.demo_world", ("train-sam", "--out", FIRST_SAM, "--seed", "11", "--minutes", "25"),
          FIRST_SAM, "the demo world's small SAM, from scratch: boxes, coarse masks and points as prompts"),
-    Step("flmm_demo.demo_world", ("train-sam", "--init", f"{FIRST_SAM}/sam_vit_tiny.safetensors", "--out", SAM_RUN,
-                                  "--seed", "12", "--minutes", "20", "--lr", "2e-4"),
-         SAM_RUN, "a second round on new scenes at a lower learning rate"),
+    Step("flmm_demo.demo_world", ("train-sam", "--init", f"{FIRST_SAM}/sam_vit_tiny.safetensors", "--out",
+                                  CLASSIC_SAM, "--seed", "12", "--minutes", "20", "--lr", "2e-4"),
+         CLASSIC_SAM, "a second round on new scenes at a lower learning rate"),
+    Step("flmm_demo.demo_world", ("train-sam", "--init", f"{CLASSIC_SAM}/sam_vit_tiny.safetensors", "--out",
+                                  "runs/sam-wide", "--seed", "13", "--minutes", "30", "--lr", "2e-4", "--wide"),
+         "runs/sam-wide", "the SAM on the wide world"),
+    Step("flmm_demo.demo_world", ("train-sam", "--init", "runs/sam-wide/sam_vit_tiny.safetensors", "--out",
+                                  SAM_RUN, "--seed", "14", "--minutes", "32", "--lr", "1.5e-4", "--wide"),
+         SAM_RUN, "a second round on the wide world at a lower learning rate"),
     Step("flmm_demo", ("train", "--model", FINAL_LMM, "--data", HEAD_DATA,
                        "--out", HEAD_RUN, "--sam", FINAL_SAM, "--sam-variant", "vit_tiny",
-                       "--epochs", "3", "--lr", "1e-3", "--log-every", "150",
-                       "--checkpoint-every", "600", "--head-dtype", "float16"),
+                       "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
+                       "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM"),
 )
-
-
-# Round 7 (issue 15), tried on top of the shipped weights and measured, not shipped (see
-# docs/demo_world_results.md): 45 minutes of the wide world (70% of the pool) with short
-# answers, the vision tower tuned for the first fifth; then the head on 300 classic and
-# 300 wide scenes. On a 2-core CPU shared with other jobs it reached ~160 chat steps, too
-# few: descriptions of regular scenes fell from 0.50 to 0.19 exact. `rebuild` does not run
-# these steps; run them by hand to continue from here with a larger budget.
-WIDE_ROUND: tuple[Step, ...] = (
-    _round("runs/lmm-wide", "the wide world with short answers, vision tower tuned first",
-           "--init", FINAL_LMM, "--seed", "6", "--minutes", "45", "--scenes", "1500", "--wide-share", "0.7",
-           "--short-qa", "--tune-vision", "--vision-share", "0.2", "--vision-lr", "5e-4", "--chat-lr", "5e-4",
-           "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--threads", "1"),
-    Step("flmm_demo.demo_world", ("write-refer", "--out", "data/demo-shapes-wide", "--seed", "1", "--train", "300",
-                                  "--val", "0", "--wide-train", "300"),
-         "data/demo-shapes-wide", "the head's scenes: 300 classic (seed 1) and 300 of the wide world (seed 4)"),
-    Step("flmm_demo", ("train", "--model", "runs/lmm-wide", "--data", "data/demo-shapes-wide",
-                       "--out", "runs/demo-shapes-head-wide", "--sam", FINAL_SAM, "--sam-variant", "vit_tiny",
-                       "--epochs", "2", "--lr", "1e-3", "--log-every", "100", "--checkpoint-every", "400",
-                       "--head-dtype", "float16"),
-         "runs/demo-shapes-head-wide", "the head on that LMM"),
-)
-
 
 def done(step: Step, root: Path) -> bool:
     """Whether a step's output is already there (a rebuild resumes after the last done step)."""
