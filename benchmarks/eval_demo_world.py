@@ -263,9 +263,10 @@ def run(args: argparse.Namespace) -> dict:
         if n:
             scenes = list(scene_stream(args.seed + offset, n, wide=wide))
             results["answers"][name] = evaluate_answers(model, processor, scenes, seed=args.seed + offset)
+    answer_seed = args.seed + OUTSIDE_OFFSET + 500
     for name, varied in OUTSIDE_SETS if args.outside_lmm_scenes else ():
-        scenes = outside_scenes(args.seed + OUTSIDE_OFFSET + 500, args.outside_lmm_scenes, varied)
-        results["answers"][name] = evaluate_answers(model, processor, scenes, seed=args.seed + OUTSIDE_OFFSET + 500)
+        scenes = outside_scenes(answer_seed, args.outside_lmm_scenes, varied)
+        results["answers"][name] = evaluate_answers(model, processor, scenes, seed=answer_seed)
     del model
     timings["short answers and hallucinations"] = time.time() - start
 

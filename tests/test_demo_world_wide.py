@@ -280,13 +280,11 @@ def test_the_app_with_the_demo_model_lists_shapes_first_and_flags_an_uploaded_ph
     assert status.startswith("New conversation") and "photo" not in status
 
 
-def test_scenes_drawn_outside_the_generator_are_what_they_claim():
+def test_scenes_drawn_outside_the_generator_are_what_they_claim(monkeypatch):
     """benchmarks/outside_scenes.py (OpenCV, its own layout and colours): each mask is
     where its colour was drawn, the varied scenes vary as issue 15 describes, and the
     close ones stay near the training conditions."""
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from outside_scenes import PALETTE, outside_scenes
 
     close, varied = outside_scenes(0, 40, varied=False), outside_scenes(0, 40, varied=True)

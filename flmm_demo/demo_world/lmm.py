@@ -441,13 +441,14 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool,
     """Stage 1: the vision tower learns per-patch labels for `seconds` (first on the
     low-resolution copy, when there is one, for config.low_res_share of the time)."""
     heads = PatchHeads(size.vision_hidden)
-    stats: dict[str, float] = {}
     max_steps = 6 if config.tiny else 1_000_000
     probe = config.probe_share * seconds if config.init is not None else 0.0
-    if probe > 0:  # a tower that is already trained: fit fresh heads to it first (linear probe)
-        stats.update(_vision_phase(model, heads, pool, None, config, rng, probe, max_steps, log, tower=False))
+    # A tower that is already trained: fit fresh heads to it first (linear probe); the
+    # stage's first loss is then the probe's.
+    first = (_vision_phase(model, heads, pool, None, config, rng, probe, max_steps, log, tower=False)
+             if probe > 0 else {})
     tuned = _vision_phase(model, heads, pool, low, config, rng, seconds - probe, max_steps, log, tower=True)
-    return {**tuned, **{k: v for k, v in stats.items() if k.startswith("first_")}}
+    return {**tuned, **{k: v for k, v in first.items() if k.startswith("first_")}}
 
 
 def _vision_phase(model: LlavaForConditionalGeneration, heads: PatchHeads, pool: ScenePool,
