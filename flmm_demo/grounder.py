@@ -39,16 +39,13 @@ from .heads.training_free import answer_baseline, attention_heatmap, heatmap_to_
 from .images import fit_for_model, load_image
 from .phrases import extract_phrases, phrases_from_spans
 from .presets import require_weights
+from .prompts import VCOT_HINT, VCOT_LEAD, VCOT_REGION, VCOT_REGION_ALONE
 from .types import AnswerAttention, GroundedPhrase, Phrase, Turn
 
 MAX_QUESTION_CHARS = 2000
 Mode = Literal["auto", "head", "training_free"]
 MODES: tuple[Mode, ...] = ("auto", "head", "training_free")
 
-VCOT_HINT = "First think which object in this image is most relevant to the question."
-VCOT_LEAD = "The object most relevant to the question is"
-VCOT_REGION = "The second image is the image region that might help you answer the question."
-VCOT_REGION_ALONE = "This is the image region that might help you answer the question."
 
 
 @dataclass(frozen=True)

@@ -345,6 +345,25 @@ def test_a_new_rope_base_is_used_saved_and_loaded(tmp_path):
     assert torch.allclose(loaded.model.language_model(input_ids=ids).last_hidden_state, after, atol=1e-2)
 
 
+def test_a_longer_context_changes_no_output_and_is_saved(tmp_path):
+    from transformers import AutoProcessor
+
+    from flmm_demo.demo_world.lmm import TINY, build_model, load, save, set_context
+
+    model, processor = build_model(TINY, seed=0)
+    ids = torch.randint(5, 40, (1, 1500))
+    ids[0, 0] = 2
+    before = model.model.language_model(input_ids=ids[:, :600]).last_hidden_state
+    set_context(model, processor, 2048)
+    save(model, processor, tmp_path / "lmm")
+    loaded, _ = load(tmp_path / "lmm")
+    assert loaded.config.text_config.max_position_embeddings == 2048
+    assert AutoProcessor.from_pretrained(tmp_path / "lmm").tokenizer.model_max_length == 2048
+    # rotary positions: the same outputs (up to the fp16 weights saved), and 1,500 tokens run
+    assert torch.allclose(loaded.model.language_model(input_ids=ids[:, :600]).last_hidden_state, before, atol=1e-2)
+    assert torch.isfinite(loaded.model.language_model(input_ids=ids).last_hidden_state).all()
+
+
 @pytest.mark.skipif(not (REPO / DEFAULT_LMM_DIR / "config.json").exists(), reason="no shipped checkpoint")
 def test_shipped_checkpoint_describes_generated_scenes():
     from transformers import AutoProcessor, LlavaForConditionalGeneration

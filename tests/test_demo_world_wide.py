@@ -142,6 +142,40 @@ def test_short_qa_chats_replace_the_sentence_answers_and_every_word_is_known():
             assert tok.unk_token_id not in tok(f"{q} {a}")["input_ids"], (q, a)
 
 
+def test_chats_teach_visual_chain_of_thoughts_probe_on_the_object_the_question_names():
+    from flmm_demo.prompts import VCOT_HINT, VCOT_LEAD, VCOT_REGION_ALONE
+
+    hint, lead, preamble = VCOT_HINT.lower(), VCOT_LEAD.lower(), VCOT_REGION_ALONE.lower()
+    probes = prefixed = 0
+    for scene in S.scene_stream(21, 40, wide=True):
+        rng = np.random.default_rng(scene.seed)
+        chat = S.annotated_conversation(scene, rng, max_turns=3, short=True, vcot_share=1.0)
+        refs = S.referring_expressions(scene)
+        for user, segments in chat:
+            answer = S.text_of(segments)
+            if user.endswith(hint):
+                probes += 1
+                question = user[:-len(hint)].strip()
+                expression = answer[len(lead) + 1:-1]
+                assert answer.startswith(lead + " ") and answer.endswith(".")
+                named = [i for i, names in enumerate(refs) if expression in names]
+                assert len(named) == 1 and expression in question, (user, answer)
+                # every word of the expression points at the object (an anchor's words mention the anchor)
+                pointed = [(t, m, r) for t, m, r in segments if r is not None]
+                assert "".join(t for t, _, _ in pointed) == expression
+                assert {r for _, _, r in pointed} == set(named)
+                assert chat.index((user, segments)) <= 1  # first question, maybe after the description
+            elif user.startswith(preamble):
+                prefixed += 1
+            else:  # with vcot_share 1 every question has the preamble
+                assert user in S.DESCRIBE_PROMPTS, user
+    assert probes >= 30 and prefixed >= 10
+    # the default chats are unchanged: no probe and no preamble
+    for scene in S.scene_stream(21, 10, wide=True):
+        for user, _ in S.annotated_conversation(scene, np.random.default_rng(0), short=True):
+            assert hint not in user and preamble not in user
+
+
 @pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
 def test_a_model_of_the_first_vocabulary_keeps_its_words_when_it_grows(monkeypatch):
     from flmm_demo.demo_world import tokenizer
@@ -152,22 +186,38 @@ def test_a_model_of_the_first_vocabulary_keeps_its_words_when_it_grows(monkeypat
     # shipped one cut back to it, with the tokenizer built without the later words.
     model, _ = load(REPO / "checkpoints/demo-shapes/lmm")
     with monkeypatch.context() as m:
-        m.setattr(tokenizer, "_LATER_WORDS", [])
+        m.setattr(tokenizer, "_LATER_WORDS", ())
         vc = model.config.vision_config
         processor = build_processor(vc.image_size, vc.patch_size)
     n_old = len(processor.tokenizer)
-    assert n_old == len(vocabulary()) - len(_LATER_WORDS) == 76
+    assert n_old == 76
     model.resize_token_embeddings(n_old)
     rows = model.get_input_embeddings().weight.detach().clone()
     out_rows = model.lm_head.weight.detach().clone()
     grown, new_processor = extend_vocabulary(model, processor)
-    assert len(new_processor.tokenizer) == len(vocabulary()) == n_old + len(_LATER_WORDS)
+    assert len(new_processor.tokenizer) == len(vocabulary()) == n_old + len(set().union(*_LATER_WORDS))
     assert grown.get_input_embeddings().weight.shape[0] == len(vocabulary())
     assert torch.equal(grown.get_input_embeddings().weight[:n_old], rows)
     assert torch.equal(grown.lm_head.weight[:n_old], out_rows)
     for word in ("red", "circle", "describe", "<image>"):
         assert processor.tokenizer.convert_tokens_to_ids(word) == new_processor.tokenizer.convert_tokens_to_ids(word)
     assert new_processor.tokenizer.convert_tokens_to_ids("circles") >= n_old
+
+
+def test_each_rounds_vocabulary_is_the_start_of_the_next(monkeypatch):
+    from flmm_demo.demo_world import tokenizer
+    from flmm_demo.prompts import VCOT_HINT, VCOT_LEAD, VCOT_REGION, VCOT_REGION_ALONE
+
+    today = tokenizer.vocabulary()
+    assert len(today) == len(set(today))
+    for k in range(len(tokenizer._LATER_WORDS)):
+        with monkeypatch.context() as m:
+            m.setattr(tokenizer, "_LATER_WORDS", tokenizer._LATER_WORDS[:k])
+            earlier = tokenizer.vocabulary()
+        assert today[:len(earlier)] == earlier and len(earlier) < len(today)
+    tok = tokenizer.build_tokenizer()
+    for text in (VCOT_HINT, VCOT_LEAD, VCOT_REGION, VCOT_REGION_ALONE):
+        assert tok.unk_token not in tok.tokenize(text), text
 
 
 def _old_lmm_rate(step: int, progress: float, peak: float, warmup: int) -> float:
@@ -223,26 +273,53 @@ def test_photos_are_told_apart_from_drawings(wide_scenes):
 
 
 @pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
-def test_visual_chain_of_thought_stays_within_the_demo_models_context(caplog):
+def _recording_backend():
+    """The shipped demo LMM's backend, recording the length of every prompt it runs."""
     from flmm_demo.backends import load_backend
-    from flmm_demo.grounder import Grounder
 
     backend = load_backend(str(REPO / "checkpoints/demo-shapes/lmm"), device="cpu", dtype=torch.float32)
-    lengths = []  # of the prompts the model runs
+    backend.lengths = []
     prefilled = backend._prefilled
 
     def recording(prompt):
-        lengths.append(prompt.input_ids.shape[1])
+        backend.lengths.append(prompt.input_ids.shape[1])
         return prefilled(prompt)
 
     backend._prefilled = recording
-    scene = S.make_scene(4, 2, 3)
-    session = Grounder(backend).new_session(scene.pil())
+    return backend
+
+
+def test_visual_chain_of_thought_shows_the_demo_model_both_images_with_a_longer_context():
+    from flmm_demo.grounder import Grounder
+
+    backend = _recording_backend()
+    # 2,048 positions, as `train-lmm --context 2048` saves them (rotary positions: no weight changes)
+    backend.model.config.text_config.max_position_embeddings = 2048
+    backend.tokenizer.model_max_length = 2048
+    session = Grounder(backend).new_session(S.make_scene(4, 2, 3).pil())
     image = session.model_image
+    assert backend.context_length == 2048
+    assert backend.prompt_fits(image, [], "what colour is the circle?", [image], max_new_tokens=32)
+    cot = session.visual_cot("what colour is the circle?", max_new_tokens=32, mode="training_free")
+    assert cot.answer
+    grid = backend.model.config.image_seq_length
+    assert max(backend.lengths) > 2 * grid  # the crop question holds both images
+    assert max(backend.lengths) + 32 <= backend.context_length
+
+
+def test_visual_chain_of_thought_sends_the_crop_alone_when_both_images_do_not_fit(caplog):
+    from flmm_demo.grounder import Grounder
+
+    backend = _recording_backend()
+    backend.model.config.text_config.max_position_embeddings = 1024  # the shipped demo model's context
+    backend.tokenizer.model_max_length = 1024
+    session = Grounder(backend).new_session(S.make_scene(4, 2, 3).pil())
+    image = session.model_image
+    assert backend.context_length == 1024
     assert not backend.prompt_fits(image, [], "what colour is the circle?", [image], max_new_tokens=32)
     cot = session.visual_cot("what colour is the circle?", max_new_tokens=32, mode="training_free")
-    assert cot.answer and backend.context_length == 1024
-    assert lengths and max(lengths) + 32 <= backend.context_length
+    assert cot.answer
+    assert backend.lengths and max(backend.lengths) + 32 <= 1024
     # Measuring the two-image prompt that does not fit raises no "indexing errors" warning.
     assert not [r for r in caplog.records if "indexing errors" in r.getMessage()]
 

@@ -44,11 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="continue from this saved model (no vision stage: the whole budget is chat)")
     p.add_argument("--chat-lr", type=float, default=1e-3, help="peak learning rate of the chat stage")
     p.add_argument("--rope-theta", type=float, help="a new RoPE base for the language model (default: keep it)")
+    p.add_argument("--context", type=int,
+                   help="a new context length in tokens (rotary positions: no weights change; default: keep it)")
     p.add_argument("--wide-share", type=float, default=0.0,
                    help="share of the scene pool from the wide world (any rotation, sizes, backgrounds, "
                         "outlines, JPEG, 1-7 shapes)")
     p.add_argument("--short-qa", action="store_true",
                    help="questions about colour, shape, count, position and yes/no get short answers ('red', 'three')")
+    p.add_argument("--vcot-share", type=float, default=0.0,
+                   help="share of chats that open with visual chain of thought's probe ('... the object most "
+                        "relevant to the question is the circle.') and of questions after its crop preamble")
     p.add_argument("--tune-vision", action="store_true",
                    help="with --init: first tune the vision tower on patch labels for --vision-share of the budget")
     p.add_argument("--probe-share", type=float, default=0.0,
@@ -107,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
             tune_vision=args.tune_vision, probe_share=args.probe_share, attention_weight=args.attention_weight,
             ground_share=args.ground_share,
             ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr, rope_theta=args.rope_theta,
-            wide_share=args.wide_share, short_qa=args.short_qa, threads=args.threads))
+            context=args.context,
+            wide_share=args.wide_share, short_qa=args.short_qa, vcot_share=args.vcot_share,
+            threads=args.threads))
     elif args.command == "train-sam":
         from flmm_demo.demo_world.sam import train as train_sam
 

@@ -199,21 +199,23 @@ def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image
 
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
                n_image_tokens: int, max_turns: int, ground_share: float = 0.0,
-               ground_turns: int = 1, short_qa: bool = False) -> dict[str, torch.Tensor]:
+               ground_turns: int = 1, short_qa: bool = False, vcot_share: float = 0.0) -> dict[str, torch.Tensor]:
     """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
     referent (B, T); covers (B, max objects, g*g); pixel_values. Each chat is, with
     probability ground_share, ground_turns grounding turns (each a description prompt
     answered by referring expressions) that only the attention loss sees, else a
     conversation. Several grounding turns share one pass over the 576 image tokens, so
     they multiply the supervised words of a step for a few more text tokens. short_qa:
-    questions get short answers ('red', 'three', 'yes'; see scenes.short_question_segments)."""
+    questions get short answers ('red', 'three', 'yes'; see scenes.short_question_segments).
+    vcot_share: chats with visual chain of thought's probe and crop preamble (see
+    scenes.annotated_conversation)."""
     seqs = []
     for i in idx:
         if rng.random() < ground_share:
             turns = [S.grounding_turn(pool.scenes[i], rng) for _ in range(ground_turns)]
             seqs.append(encode_annotated_chat(processor, turns, n_image_tokens, answer_loss=False))
         else:
-            chat = S.annotated_conversation(pool.scenes[i], rng, max_turns, short=short_qa)
+            chat = S.annotated_conversation(pool.scenes[i], rng, max_turns, short=short_qa, vcot_share=vcot_share)
             seqs.append(encode_annotated_chat(processor, chat, n_image_tokens))
     T = max(len(s[0]) for s in seqs)
     pad = processor.tokenizer.pad_token_id
@@ -315,6 +317,15 @@ def set_rope_theta(model: LlavaForConditionalGeneration, theta: float) -> None:
     language.rotary_emb = type(language.rotary_emb)(config=text).to(next(language.parameters()).device)
 
 
+def set_context(model: LlavaForConditionalGeneration, processor: LlavaProcessor, positions: int) -> None:
+    """Let the language model take `positions` tokens (config and tokenizer). Its positions
+    are rotary (RoPE), computed rather than learned, so no weight changes; 2,048 holds
+    visual chain of thought's two images (2 x 576 tokens) and its question, which 1,024
+    does not."""
+    model.config.text_config.max_position_embeddings = positions
+    processor.tokenizer.model_max_length = positions
+
+
 @dataclass(frozen=True)
 class LmmTrainConfig:
     """One `train-lmm` run; `python -m flmm_demo.demo_world train-lmm --help` says each option.
@@ -337,8 +348,11 @@ class LmmTrainConfig:
     its first probe_share trains only the fresh patch heads on the frozen tower, so the
     tower is not moved by heads that are still at chance.
     rope_theta: a new RoPE base for the language model (see set_rope_theta).
+    context: a new context length in tokens (see set_context).
     wide_share: share of the pool drawn from the wide world (scenes.make_wide_scene).
     short_qa: questions about colour, shape, count, position and yes/no get short answers.
+    vcot_share: share of chats that open with visual chain of thought's probe, and of
+    questions asked after its crop preamble (scenes.annotated_conversation).
     """
 
     out_dir: str | Path
@@ -358,8 +372,10 @@ class LmmTrainConfig:
     init: str | Path | None = None
     chat_lr: float = 1e-3
     rope_theta: float | None = None
+    context: int | None = None
     wide_share: float = 0.0
     short_qa: bool = False
+    vcot_share: float = 0.0
     threads: int = 2
 
 
@@ -391,7 +407,7 @@ def train(config: LmmTrainConfig, log=print) -> dict[str, float]:
 
 def _starting_model(config: LmmTrainConfig) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, ModelSize]:
     """A new model, or the one at config.init (its vocabulary extended to today's); the
-    new RoPE base if asked; sdpa attention for speed (stage 2 switches to eager)."""
+    new RoPE base and context length if asked; sdpa attention for speed (stage 2 switches to eager)."""
     size = TINY if config.tiny else ModelSize()
     if config.init is not None:
         model, processor = extend_vocabulary(*load(config.init))
@@ -401,6 +417,8 @@ def _starting_model(config: LmmTrainConfig) -> tuple[LlavaForConditionalGenerati
         model, processor = build_model(size, config.seed)
     if config.rope_theta is not None:
         set_rope_theta(model, config.rope_theta)
+    if config.context is not None:
+        set_context(model, processor, config.context)
     model.config._attn_implementation = "sdpa"
     model.model.language_model.config._attn_implementation = "sdpa"
     return model, processor, size
@@ -508,7 +526,8 @@ def train_chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, 
     while step < max_steps and (time.time() + step_time < deadline or step < 2):
         idx = rng.integers(0, len(pool.scenes), config.batch_size).tolist()
         batch = chat_batch(processor, pool, idx, rng, size.grid ** 2, max_turns=3, ground_share=config.ground_share,
-                           ground_turns=config.ground_turns, short_qa=config.short_qa)
+                           ground_turns=config.ground_turns, short_qa=config.short_qa,
+                           vcot_share=config.vcot_share)
         logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], features[idx].float())
         labels = batch["labels"]
         if (labels[:, 1:] != -100).any():

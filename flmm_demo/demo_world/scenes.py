@@ -24,6 +24,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from flmm_demo.prompts import VCOT_HINT, VCOT_LEAD, VCOT_REGION_ALONE
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "yellow": (235, 205, 30),
@@ -615,12 +617,40 @@ def short_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, s
     return [(kind, q, text_of(a)) for kind, q, a in short_question_segments(scene, rng)]
 
 
+def vcot_probe_turn(scene: Scene, rng: np.random.Generator) -> tuple[str, list[Segment]] | None:
+    """Visual chain of thought's probe about one object, as the grounder asks it: a
+    question naming the object followed by VCOT_HINT, answered by VCOT_LEAD and the
+    question's own expression ('what colour is the circle? first think which object ...'
+    -> 'the object most relevant to the question is the circle.'), whose words mention
+    and refer to that object. None when no object has an expression."""
+    refs = _referring(scene)
+    named = [i for i in range(len(refs)) if refs[i]]
+    if not named:
+        return None
+    i = _pick(rng, named)
+    name, anchor, anchor_name = refs[i][int(rng.integers(0, len(refs[i])))]
+    other = _pick(rng, list(COLOURS))
+    question = _pick(rng, [f"what colour is {name}?", f"what color is {name}?", f"where is {name}?",
+                           f"is {name} {other}?", f"which shape is {name}?"])
+    answer = [(f"{VCOT_LEAD.lower()} ", None, None), *_expression_segments(i, name, anchor, anchor_name),
+              (".", None, None)]
+    return f"{question} {VCOT_HINT.lower()}", answer
+
+
 def annotated_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3,
-                           short: bool = False) -> list[tuple[str, list[Segment]]]:
+                           short: bool = False, vcot_share: float = 0.0) -> list[tuple[str, list[Segment]]]:
     """A chat of 1-max_turns (user, annotated answer) turns; most open with the description.
-    short: questions get short answers (see questions_and_answer_segments)."""
+    short: questions get short answers (see questions_and_answer_segments). vcot_share:
+    the chat's first question is visual chain of thought's probe (vcot_probe_turn) with
+    this probability, and each short question is asked after the crop's preamble
+    (VCOT_REGION_ALONE) with this probability."""
     turns: list[tuple[str, list[Segment]]] = []
     qa = questions_and_answer_segments(scene, rng, short)
+    if vcot_share > 0:
+        qa = [(f"{VCOT_REGION_ALONE.lower()} {q}" if rng.random() < vcot_share else q, a) for q, a in qa]
+        probe = vcot_probe_turn(scene, rng) if rng.random() < vcot_share else None
+        if probe is not None:
+            qa.insert(0, probe)
     n_turns = int(rng.integers(1, max_turns + 1))
     if rng.random() < (0.5 if short else 0.7):
         turns.append((DESCRIBE_PROMPTS[int(rng.integers(0, len(DESCRIBE_PROMPTS)))], describe_segments(scene)))

@@ -20,12 +20,15 @@ a an the and is are there no yes it one shape shapes what colour color which how
 biggest smallest of left right above below nothing user assistant system describe
 please give me description image in do you see this that object objects
 """.split()
-# Words of the short answers' questions, added after the first release: they come after
-# the sorted first vocabulary so that every earlier word keeps its id (a model trained
-# before only needs its embedding rows extended, see lmm.extend_vocabulary).
-_LATER_WORDS = """
-circles squares triangles crosses where on middle or any
-""".split()
+# Words added after the first release, one group per round: each group comes, sorted,
+# after the vocabulary before it, so that every earlier word keeps its id (a model
+# trained before only needs its embedding rows extended, see lmm.extend_vocabulary).
+_LATER_WORDS: tuple[tuple[str, ...], ...] = (
+    # round 8: the short answers' questions
+    tuple("circles squares triangles crosses where on middle or any".split()),
+    # round 9: visual chain of thought's probe and crop question (flmm_demo.prompts)
+    tuple("first think most relevant to question region might help answer second".split()),
+)
 
 # Mirrors llava-hf's template: the image goes where the user put it, the assistant's
 # turns end with </s>, and the generation prompt is "ASSISTANT:".
@@ -45,15 +48,16 @@ CHAT_TEMPLATE = (
 
 def vocabulary() -> list[str]:
     """Special tokens, punctuation, every word of the first scene language (sorted), then
-    the later words (_LATER_WORDS, sorted)."""
+    each group of later words (_LATER_WORDS, each sorted, words already there skipped)."""
     words = set(_WORDS) | set(COLOURS) | set(SHAPES) | set(NUMBERS)
     words |= {w for w in SIZE_WORD.values() if w}
     words |= {w for r in RELATIONS for w in r.split()}
     for prompt in DESCRIBE_PROMPTS:
         words |= set(prompt.replace(".", " ").replace("?", " ").split())
-    first = sorted(words - set(_PUNCTUATION))
-    later = sorted(set(_LATER_WORDS) - set(first))
-    return list(SPECIAL_TOKENS) + list(_PUNCTUATION) + first + later
+    out = list(SPECIAL_TOKENS) + list(_PUNCTUATION) + sorted(words - set(_PUNCTUATION))
+    for group in _LATER_WORDS:
+        out += sorted(set(group) - set(out))
+    return out
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
