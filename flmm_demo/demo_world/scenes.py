@@ -628,7 +628,7 @@ def vcot_probe_turn(scene: Scene, rng: np.random.Generator) -> tuple[str, list[S
     if not named:
         return None
     i = _pick(rng, named)
-    name, anchor, anchor_name = refs[i][int(rng.integers(0, len(refs[i])))]
+    name, anchor, anchor_name = _pick(rng, refs[i])
     other = _pick(rng, list(COLOURS))
     question = _pick(rng, [f"what colour is {name}?", f"what color is {name}?", f"where is {name}?",
                            f"is {name} {other}?", f"which shape is {name}?"])
@@ -642,7 +642,7 @@ def annotated_conversation(scene: Scene, rng: np.random.Generator, max_turns: in
     """A chat of 1-max_turns (user, annotated answer) turns; most open with the description.
     short: questions get short answers (see questions_and_answer_segments). vcot_share:
     the chat's first question is visual chain of thought's probe (vcot_probe_turn) with
-    this probability, and each short question is asked after the crop's preamble
+    this probability, and each other question is asked after the crop's preamble
     (VCOT_REGION_ALONE) with this probability."""
     turns: list[tuple[str, list[Segment]]] = []
     qa = questions_and_answer_segments(scene, rng, short)
