@@ -340,15 +340,17 @@ def test_good_server_options_are_parsed_into_values():
 def test_a_long_chat_says_in_the_status_when_older_turns_no_longer_fit(demo_grounder, tmp_path):
     page = Page(build_demo(demo_grounder, export_dir=tmp_path))
     page.fire("on_image", {"image-in": {"path": str(SCENE)}})
-    question = " ".join(["what colour is the big red circle left of the small blue square?"] * 12)
+    question = " ".join(["what colour is the big red circle left of the small blue square?"] * 24)
+    context = demo_grounder.backend.context_length  # the shipped demo model: 2,048 positions
+    turns = 2 + context // 300  # a turn is about 330 tokens: the last turns cannot all fit
     statuses = []
-    for _ in range(4):
+    for _ in range(turns):
         page.fire("on_ask", {"question": question, "max-tokens": 8, "mode": "head", "refine": False,
                              "vcot": False, "alpha": 0.55, "show-heat": False})
         statuses.append(page.shown("status"))
     assert "token context" not in statuses[0]
-    assert "oldest" in statuses[-1] and "1,024-token context" in statuses[-1], statuses[-1]
-    assert len(page.values[page.state].session.history) == 4  # the user's chat is all kept
+    assert "oldest" in statuses[-1] and f"{context:,}-token context" in statuses[-1], statuses[-1]
+    assert len(page.values[page.state].session.history) == turns  # the user's chat is all kept
 
 
 def test_the_ask_endpoint_returns_the_answer_text_through_the_api(tiny_grounder, tmp_path):

@@ -218,10 +218,11 @@ def test_thin_strips_are_grounded_with_the_demo_sam(demo_grounder, size):
 def test_history_is_capped_to_the_newest_turns_that_fit(demo_grounder):
     session = demo_grounder.new_session(scene())
     backend = demo_grounder.backend
-    question = " ".join(["what colour is the big red circle left of the small blue square?"] * 12)
-    for _ in range(4):
+    question = " ".join(["what colour is the big red circle left of the small blue square?"] * 24)
+    turns = 2 + backend.context_length // 300  # a turn is about 330 tokens: the last turns cannot all fit
+    for _ in range(turns):
         session.chat(question, max_new_tokens=8)
-    assert len(session.history) == 4  # every turn is kept for the user
+    assert len(session.history) == turns  # every turn is kept for the user
     assert session.dropped_turns >= 1
     assert f"{backend.context_length:,}-token context" in session.context_note
     kept = session.history[session.dropped_turns:-1]
@@ -237,8 +238,9 @@ def test_a_question_longer_than_the_context_is_refused(demo_grounder):
     session = demo_grounder.new_session(scene())
     session.chat("describe the image.", max_new_tokens=4)
     before = list(session.history)
-    with pytest.raises(ValueError, match="the model reads at most 1,024"):
-        session.chat(" ".join(["a"] * 990))  # 990 tokens and 576 image tokens: under 2,000 characters
+    context = demo_grounder.backend.context_length  # 2,048 for the shipped demo model
+    with pytest.raises(ValueError, match=f"the model reads at most {context:,}"):
+        session.chat("a?" * 995)  # 1,990 tokens and 576 image tokens: under 2,000 characters
     assert session.history == before and session.context_note is None
 
 

@@ -292,10 +292,7 @@ def _recording_backend():
 def test_visual_chain_of_thought_shows_the_demo_model_both_images_with_a_longer_context():
     from flmm_demo.grounder import Grounder
 
-    backend = _recording_backend()
-    # 2,048 positions, as `train-lmm --context 2048` saves them (rotary positions: no weight changes)
-    backend.model.config.text_config.max_position_embeddings = 2048
-    backend.tokenizer.model_max_length = 2048
+    backend = _recording_backend()  # the shipped demo model: 2,048 positions since round 9 (`--context 2048`)
     session = Grounder(backend).new_session(S.make_scene(4, 2, 3).pil())
     image = session.model_image
     assert backend.context_length == 2048
@@ -311,7 +308,8 @@ def test_visual_chain_of_thought_sends_the_crop_alone_when_both_images_do_not_fi
     from flmm_demo.grounder import Grounder
 
     backend = _recording_backend()
-    backend.model.config.text_config.max_position_embeddings = 1024  # the shipped demo model's context
+    # the demo model's context before round 9 (rotary positions: only the config and tokenizer change)
+    backend.model.config.text_config.max_position_embeddings = 1024
     backend.tokenizer.model_max_length = 1024
     session = Grounder(backend).new_session(S.make_scene(4, 2, 3).pil())
     image = session.model_image
@@ -329,13 +327,24 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     from flmm_demo.demo_world.__main__ import build_parser
 
     by_out = {step.out: step for step in recipe.STEPS}
-    args = build_parser().parse_args(list(by_out[recipe.FINAL_LMM].args))
-    assert args.init == recipe.CLASSIC_LMM and args.wide_share == 0.5 and args.short_qa
-    assert args.tune_vision and 0 < args.probe_share < 1
-    assert build_parser().parse_args(list(by_out[recipe.HEAD_DATA].args)).wide_train == 600
-    sam = build_parser().parse_args(list(by_out[recipe.SAM_RUN].args))
-    assert sam.wide and str(sam.init).startswith("runs/sam-wide/")
-    assert build_parser().parse_args(list(by_out["runs/sam-wide"].args)).init.startswith(recipe.CLASSIC_SAM + "/")
+    parse = build_parser().parse_args
+    wide = parse(list(by_out[recipe.WIDE_LMM].args))
+    assert wide.init == recipe.CLASSIC_LMM and wide.wide_share == 0.5 and wide.short_qa
+    assert wide.tune_vision and 0 < wide.probe_share < 1
+    final = parse(list(by_out[recipe.FINAL_LMM].args))
+    assert final.init == recipe.WIDE_LMM and final.short_qa and not final.tune_vision
+    assert 0 < final.vcot_share < 1 and final.context == 2048
+    assert parse(list(by_out[recipe.HEAD_DATA].args)).wide_train == 1000
+    sam = parse(list(by_out[recipe.SAM_RUN].args))
+    assert sam.wide and str(sam.init).startswith(recipe.WIDE_SAM + "/")
+    assert parse(list(by_out[recipe.WIDE_SAM].args)).init.startswith("runs/sam-wide/")
+    assert parse(list(by_out["runs/sam-wide"].args)).init.startswith(recipe.CLASSIC_SAM + "/")
+    # every step's --init names the output of a step that comes before it
+    outs = [step.out for step in recipe.STEPS]
+    for i, step in enumerate(recipe.STEPS):
+        if "--init" in step.args:
+            init = step.args[step.args.index("--init") + 1]
+            assert any(init == o or init.startswith(o + "/") for o in outs[:i]), step.out
 
 
 @pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")

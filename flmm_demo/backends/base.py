@@ -341,7 +341,7 @@ class Backend:
     def prompt_fits(self, image: Image.Image, history: list[Turn], question: str,
                     extra_images: Sequence[Image.Image] = (), max_new_tokens: int = 0) -> bool:
         """Whether this chat prompt plus max_new_tokens fits the language model's context
-        (two images of 576 tokens do not fit the demo model's 1,024 positions)."""
+        (two images of 576 tokens need more than 1,024 positions: the demo model has 2,048)."""
         limit = self.context_length
         if limit is None:
             return True

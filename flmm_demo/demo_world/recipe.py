@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 7 hours on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 9 hours on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -36,13 +36,15 @@ def _round(out: str, why: str, *args: str) -> Step:
 
 
 CLASSIC_LMM = "runs/lmm-rope2"  # the last round of the classic world (the LMM of releases before issue 15)
-FINAL_LMM = "runs/lmm-wide2"  # the round on the wide world: the LMM that ships
-HEAD_DATA = "data/demo-shapes-mix"
+WIDE_LMM = "runs/lmm-wide2"  # the first round on the wide world (the LMM of round 8)
+FINAL_LMM = "runs/lmm-wide3"  # visual chain of thought's probe and a 2,048-token context: the LMM that ships
+HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
-SAM_RUN = "runs/sam-wide2"  # the last round on the wide world: the SAM that ships
+WIDE_SAM = "runs/sam-wide2"  # the second round on the wide world (the SAM of round 8)
+SAM_RUN = "runs/sam-wide3"  # the last round on the wide world: the SAM that ships
 FINAL_SAM = f"{SAM_RUN}/sam_vit_tiny.safetensors"  # where `train-sam` saves it
-HEAD_RUN = "runs/demo-shapes-head-wide2"
+HEAD_RUN = "runs/demo-shapes-head-wide3"
 FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
 
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
@@ -64,14 +66,18 @@ STEPS: tuple[Step, ...] = (
            *GROUND),
     _round(CLASSIC_LMM, "a second round on the new base",
            "--init", "runs/lmm-rope", "--seed", "5", "--minutes", "25", "--chat-lr", "1e-3", *GROUND),
-    _round(FINAL_LMM, "the wide world (half the pool) with short answers; the tower tuned after a linear probe",
+    _round(WIDE_LMM, "the wide world (half the pool) with short answers; the tower tuned after a linear probe",
            "--init", CLASSIC_LMM, "--seed", "7", "--minutes", "70", "--scenes", "2000", "--wide-share", "0.5",
            "--short-qa", "--tune-vision", "--vision-share", "0.3", "--probe-share", "0.25", "--vision-lr", "5e-4",
            "--chat-lr", "5e-4", "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3",
            "--threads", "1"),
+    _round(FINAL_LMM, "60% wide pool; 15% of chats open with visual chain of thought's probe; 2,048 positions",
+           "--init", WIDE_LMM, "--seed", "8", "--minutes", "55", "--scenes", "2000", "--wide-share", "0.6",
+           "--context", "2048", "--short-qa", "--vcot-share", "0.15", "--chat-lr", "4e-4", "--ground-share", "0.5",
+           "--ground-turns", "6", "--attention-weight", "3", "--threads", "1"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
-                                  "--val", "0", "--wide-train", "600"),
-         HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 600 of the wide world (seed 4)"),
+                                  "--val", "0", "--wide-train", "1000"),
+         HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
     Step("flmm_demo.demo_world", ("train-sam", "--out", FIRST_SAM, "--seed", "11", "--minutes", "25"),
          FIRST_SAM, "the demo world's small SAM, from scratch: boxes, coarse masks and points as prompts"),
     Step("flmm_demo.demo_world", ("train-sam", "--init", f"{FIRST_SAM}/sam_vit_tiny.safetensors", "--out",
@@ -81,8 +87,11 @@ STEPS: tuple[Step, ...] = (
                                   "runs/sam-wide", "--seed", "13", "--minutes", "30", "--lr", "2e-4", "--wide"),
          "runs/sam-wide", "the SAM on the wide world"),
     Step("flmm_demo.demo_world", ("train-sam", "--init", "runs/sam-wide/sam_vit_tiny.safetensors", "--out",
-                                  SAM_RUN, "--seed", "14", "--minutes", "32", "--lr", "1.5e-4", "--wide"),
-         SAM_RUN, "a second round on the wide world at a lower learning rate"),
+                                  WIDE_SAM, "--seed", "14", "--minutes", "32", "--lr", "1.5e-4", "--wide"),
+         WIDE_SAM, "a second round on the wide world at a lower learning rate"),
+    Step("flmm_demo.demo_world", ("train-sam", "--init", f"{WIDE_SAM}/sam_vit_tiny.safetensors", "--out",
+                                  SAM_RUN, "--seed", "15", "--minutes", "50", "--lr", "1e-4", "--wide"),
+         SAM_RUN, "a third round on the wide world, lower again"),
     Step("flmm_demo", ("train", "--model", FINAL_LMM, "--data", HEAD_DATA,
                        "--out", HEAD_RUN, "--sam", FINAL_SAM, "--sam-variant", "vit_tiny",
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
