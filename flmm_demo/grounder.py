@@ -47,7 +47,6 @@ Mode = Literal["auto", "head", "training_free"]
 MODES: tuple[Mode, ...] = ("auto", "head", "training_free")
 
 
-
 @dataclass(frozen=True)
 class ModelInfo:
     """What the loaded model is and can do (shown in the UI and by `doctor`)."""

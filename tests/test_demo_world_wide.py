@@ -272,7 +272,6 @@ def test_photos_are_told_apart_from_drawings(wide_scenes):
     assert photo_notice(cat, demo=False) == "" and photo_notice(S.make_scene(4).pil(), demo=True) == ""
 
 
-@pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
 def _recording_backend():
     """The shipped demo LMM's backend, recording the length of every prompt it runs."""
     from flmm_demo.backends import load_backend
@@ -289,6 +288,7 @@ def _recording_backend():
     return backend
 
 
+@pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
 def test_visual_chain_of_thought_shows_the_demo_model_both_images_with_a_longer_context():
     from flmm_demo.grounder import Grounder
 
@@ -304,13 +304,13 @@ def test_visual_chain_of_thought_shows_the_demo_model_both_images_with_a_longer_
     assert max(backend.lengths) + 32 <= backend.context_length
 
 
+@pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
 def test_visual_chain_of_thought_sends_the_crop_alone_when_both_images_do_not_fit(caplog):
+    from flmm_demo.demo_world.lmm import set_context
     from flmm_demo.grounder import Grounder
 
     backend = _recording_backend()
-    # the demo model's context before round 9 (rotary positions: only the config and tokenizer change)
-    backend.model.config.text_config.max_position_embeddings = 1024
-    backend.tokenizer.model_max_length = 1024
+    set_context(backend.model, backend.processor, 1024)  # the demo model's context before round 9
     session = Grounder(backend).new_session(S.make_scene(4, 2, 3).pil())
     image = session.model_image
     assert backend.context_length == 1024
