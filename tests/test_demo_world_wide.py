@@ -389,3 +389,26 @@ def test_scenes_drawn_outside_the_generator_are_what_they_claim(monkeypatch):
     assert any(not o.filled for s in varied for o in s.objects)
     assert max(max(s.size) / min(s.size) for s in varied) > 1.6
     assert np.array_equal(outside_scenes(3, 1, True)[0].image, varied[3].image)  # deterministic
+
+
+def test_answer_confusions_tally_every_count_position_and_yes_no_question(tiny_demo_lmm, monkeypatch, capsys):
+    """benchmarks/answer_confusions.py asks each such question once, files it under its
+    template and true answer, and counts every wrong reply among the confusions."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from answer_confusions import KINDS, main, tally, template
+
+    assert template("how many red shapes are there?") == "how many"
+    assert template("are there any circles?") == "are there any"
+    lmm, _ = tiny_demo_lmm
+    scenes = list(S.scene_stream(1010, 3))
+    rng = np.random.default_rng(0)
+    expected = [(kind, template(q), a) for scene in scenes for kind, q, a in S.short_questions(scene, rng)
+                if kind in KINDS]
+    right, confusions, n_asked = tally(str(lmm), scenes)
+    assert n_asked == len(expected) > 0
+    assert sorted(k for k, oks in right.items() for _ in oks) == sorted(expected)
+    assert sum(confusions.values()) == sum(not ok for oks in right.values() for ok in oks)
+    assert all(reply != truth for (_, truth, reply) in confusions)
+    main(["--model", str(lmm), "--scenes", "3"])
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{n_asked} questions on 3 regular scenes") and "| count | how many ... |" in printed

@@ -1,0 +1,80 @@
+"""Which short answers the demo LMM gets wrong, and what it says instead.
+
+Asks every count, position and yes/no question of `scenes.short_questions` (not one per
+kind, as `eval_demo_world.py` does) on held-out scenes, and prints two markdown tables:
+exact match per question template and true answer, and the most common (true answer ->
+reply) pairs among the wrong ones. Where the goal's exact match is lost shows up here.
+
+    python benchmarks/answer_confusions.py                          # the shipped LMM, 60 regular scenes
+    python benchmarks/answer_confusions.py --model runs/lmm-wide5 --wide --scenes 60
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from flmm_demo.demo_world import DEFAULT_LMM_DIR, scene_stream  # noqa: E402
+from flmm_demo.demo_world import scenes as S  # noqa: E402
+from flmm_demo.demo_world.lmm import answer, load, normalise_answer  # noqa: E402
+
+KINDS = ("count", "position", "yes/no")
+
+
+def template(question: str) -> str:
+    """The question with its object words dropped: 'how many circles are there?' -> 'how many'."""
+    words = question.split()
+    return " ".join(words[:3] if words[0] == "are" else words[:2])
+
+
+def tally(model_dir: str, scenes: list, threads: int = 1):
+    """Ask every question of KINDS on these scenes. Returns (exact match per (kind,
+    template, true answer), Counter of wrong (template, true answer, reply), questions asked)."""
+    torch.set_num_threads(threads)
+    model, processor = load(model_dir)
+    rng = np.random.default_rng(0)
+    asked = [(k, kind, q, a) for k, scene in enumerate(scenes)
+             for kind, q, a in S.short_questions(scene, rng) if kind in KINDS]
+    right: dict[tuple[str, str, str], list[bool]] = collections.defaultdict(list)
+    confusions: collections.Counter = collections.Counter()
+    for b in range(0, len(asked), 16):
+        chunk = asked[b:b + 16]
+        replies = answer(model, processor, [scenes[k].pil() for k, _, _, _ in chunk], [q for _, _, q, _ in chunk],
+                         max_new_tokens=16)
+        for (_, kind, q, a), reply in zip(chunk, replies):
+            ok = normalise_answer(reply) == normalise_answer(a)
+            right[(kind, template(q), a)].append(ok)
+            if not ok:
+                confusions[(template(q), a, normalise_answer(reply))] += 1
+    return dict(right), confusions, len(asked)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_LMM_DIR)
+    parser.add_argument("--seed", type=int, default=1010, help="scene seed (1010: eval_demo_world's answer scenes)")
+    parser.add_argument("--scenes", type=int, default=60)
+    parser.add_argument("--wide", action="store_true", help="scenes of the wide world")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    scenes = list(scene_stream(args.seed, args.scenes, wide=args.wide))
+    right, confusions, n_asked = tally(args.model, scenes, args.threads)
+    print(f"{n_asked} questions on {len(scenes)} {'wide' if args.wide else 'regular'} scenes "
+          f"(seed {args.seed}), model {args.model}\n")
+    print("| kind | question | true answer | exact | n |\n|---|---|---|---|---|")
+    for (kind, t, a), oks in sorted(right.items()):
+        print(f"| {kind} | {t} ... | {a} | {np.mean(oks):.2f} | {len(oks)} |")
+    print("\n| question | true answer | reply | times |\n|---|---|---|---|")
+    for (t, a, reply), n in confusions.most_common(12):
+        print(f"| {t} ... | {a} | {reply} | {n} |")
+    print(f"\nCommand: `python {' '.join(['benchmarks/answer_confusions.py', *(argv if argv is not None else sys.argv[1:])])}`")
+
+
+if __name__ == "__main__":
+    main()
