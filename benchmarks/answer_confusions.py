@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from flmm_demo.demo_world import DEFAULT_LMM_DIR, scene_stream  # noqa: E402
 from flmm_demo.demo_world import scenes as S  # noqa: E402
-from flmm_demo.demo_world.lmm import answer, load, normalise_answer  # noqa: E402
+from flmm_demo.demo_world.lmm import load, short_replies  # noqa: E402
 
 KINDS = ("count", "position", "yes/no")
 
@@ -43,15 +43,10 @@ def tally(model_dir: str, scenes: list, threads: int = 1):
              for kind, q, a in S.short_questions(scene, rng) if kind in KINDS]
     right: dict[tuple[str, str, str], list[bool]] = collections.defaultdict(list)
     confusions: collections.Counter = collections.Counter()
-    for b in range(0, len(asked), 16):
-        chunk = asked[b:b + 16]
-        replies = answer(model, processor, [scenes[k].pil() for k, _, _, _ in chunk], [q for _, _, q, _ in chunk],
-                         max_new_tokens=16)
-        for (_, kind, q, a), reply in zip(chunk, replies):
-            ok = normalise_answer(reply) == normalise_answer(a)
-            right[(kind, template(q), a)].append(ok)
-            if not ok:
-                confusions[(template(q), a, normalise_answer(reply))] += 1
+    for (_, kind, q, a), (reply, ok) in zip(asked, short_replies(model, processor, scenes, asked)):
+        right[(kind, template(q), a)].append(ok)
+        if not ok:
+            confusions[(template(q), a, reply)] += 1
     return dict(right), confusions, len(asked)
 
 

@@ -683,6 +683,21 @@ def hallucinated_phrases(description: str, scene: S.Scene) -> tuple[int, int]:
 
 
 @torch.no_grad()
+def short_replies(model: LlavaForConditionalGeneration, processor: LlavaProcessor, scenes: list[S.Scene],
+                  asked: list[tuple[int, str, str, str]], batch_size: int = 16) -> list[tuple[str, bool]]:
+    """Ask each (scene index, kind, question, true answer) of asked as a chat's first turn:
+    (the reply after normalise_answer, whether it matches the true answer exactly)."""
+    out: list[tuple[str, bool]] = []
+    for b in range(0, len(asked), batch_size):
+        chunk = asked[b:b + batch_size]
+        replies = answer(model, processor, [scenes[k].pil() for k, _, _, _ in chunk], [q for _, _, q, _ in chunk],
+                         max_new_tokens=16)
+        for (_, _, _, a), reply in zip(chunk, replies):
+            reply = normalise_answer(reply)
+            out.append((reply, reply == normalise_answer(a)))
+    return out
+
+
 def evaluate_answers(model: LlavaForConditionalGeneration, processor: LlavaProcessor, scenes: list[S.Scene],
                      seed: int, batch_size: int = 16) -> dict[str, float]:
     """On these scenes: the share of exact descriptions, the share of described phrases
@@ -706,12 +721,8 @@ def evaluate_answers(model: LlavaForConditionalGeneration, processor: LlavaProce
             w, n = hallucinated_phrases(d, scene)
             wrong, named = wrong + w, named + n
     right: dict[str, list[bool]] = {kind: [] for kind in S.QUESTION_KINDS}
-    for b in range(0, len(asked), batch_size):
-        chunk = asked[b:b + batch_size]
-        replies = answer(model, processor, [scenes[k].pil() for k, _, _, _ in chunk], [q for _, _, q, _ in chunk],
-                         max_new_tokens=16)
-        for (_, kind, _, a), reply in zip(chunk, replies):
-            right[kind].append(normalise_answer(reply) == normalise_answer(a))
+    for (_, kind, _, _), (_, ok) in zip(asked, short_replies(model, processor, scenes, asked, batch_size)):
+        right[kind].append(ok)
     out = {"description": exact / max(1, len(scenes)), "hallucinated_phrases": wrong / max(1, named),
            "named_phrases": named, "n": len(scenes)}
     out.update({f"question_{kind}": float(np.mean(v)) if v else float("nan") for kind, v in right.items()})
