@@ -402,12 +402,18 @@ def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
         else:
             assert step.args[0] == "train"
             args = head_parser.parse_args(list(step.args[1:]))
-            assert args.model == recipe.FINAL_LMM and str(args.data) in made and str(args.out) == step.out
+            assert args.model == recipe.ATTENTION_LMM and str(args.data) in made and str(args.out) == step.out
             # The refiner is trained on the demo world's SAM, made by an earlier step.
             assert str(args.sam) == recipe.FINAL_SAM and args.sam_variant == "vit_tiny"
             assert any(recipe.FINAL_SAM.startswith(out + "/") for out in made)
         made.append(step.out)
     assert recipe.FINAL_LMM in made and recipe.FINAL_HEAD.startswith(recipe.STEPS[-1].out)
+    # The head reads the attention LMM's maps; the rounds from there to the shipped LMM
+    # train nothing that computes attention (--answer-only), so the shipped LMM has them too.
+    lmm_rounds = [s.out for s in recipe.STEPS if s.args[0] == "train-lmm"]
+    after = lmm_rounds[lmm_rounds.index(recipe.ATTENTION_LMM) + 1:]
+    assert after and after[-1] == recipe.FINAL_LMM
+    assert all(demo_parser.parse_args(list(s.args)).answer_only for s in recipe.STEPS if s.out in after)
 
     rebuild(dry_run=True, root="/nonexistent")  # prints every command, runs none
     printed = capsys.readouterr().out

@@ -93,41 +93,70 @@ def _referent(scene: S.Scene, expression: str) -> S.SceneObject:
     return obj
 
 
+def _check_short_answer(scene: S.Scene, question: str, answer: str) -> None:
+    """Fail unless answer is the right short answer to question about scene."""
+    objs = scene.objects
+    assert answer == answer.strip() and "." not in answer and len(answer.split()) <= 3
+    if m := re.fullmatch(r"(?:what colou?r|which colour) is (.+)\?", question):
+        assert answer == _referent(scene, m.group(1)).colour
+    elif m := re.fullmatch(r"(?:what shape is the (\w+) (?:one|object)|what is the (\w+) shape)\?", question):
+        colour = m.group(1) or m.group(2)
+        (obj,) = [o for o in objs if o.colour == colour]
+        assert answer == obj.shape
+    elif question in ("how many shapes are there?", "how many objects are there?"):
+        assert answer == S.NUMBERS[len(objs)]
+    elif m := re.fullmatch(r"how many (\w+) are there\?", question):
+        shape = {v: k for k, v in S.PLURALS.items()}[m.group(1)]
+        assert answer == S.NUMBERS[sum(o.shape == shape for o in objs)]
+    elif m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
+        assert answer == S.NUMBERS[sum(o.colour == m.group(1) for o in objs)]
+    elif m := re.fullmatch(r"where is (.+)\?", question):
+        x = _referent(scene, m.group(1)).cx / scene.size[0]
+        assert answer == ("on the left" if x < 1 / 3 else "in the middle" if x < 2 / 3 else "on the right")
+    elif m := re.fullmatch(r"is (.+) on the left or on the right\?", question):
+        assert answer == ("left" if _referent(scene, m.group(1)).cx < scene.size[0] / 2 else "right")
+    elif m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
+        assert answer == ("yes" if any((o.colour, o.shape) == m.groups() for o in objs) else "no")
+    elif m := re.fullmatch(r"are there any (\w+)\?", question):
+        shape = {v: k for k, v in S.PLURALS.items()}[m.group(1)]
+        assert answer == ("yes" if any(o.shape == shape for o in objs) else "no")
+    elif m := re.fullmatch(r"is (.+) (\w+)\?", question):
+        assert answer == ("yes" if _referent(scene, m.group(1)).colour == m.group(2) else "no")
+    else:
+        pytest.fail(f"unchecked question {question!r}")
+
+
 def test_short_answers_are_right_for_generated_scenes(wide_scenes):
     kinds = Counter()
     for scene in wide_scenes + list(S.scene_stream(5, 20)):
-        objs = scene.objects
         for kind, question, answer in S.short_questions(scene, np.random.default_rng(scene.seed)):
             kinds[kind] += 1
-            assert answer == answer.strip() and "." not in answer and len(answer.split()) <= 3
-            if m := re.fullmatch(r"(?:what colou?r|which colour) is (.+)\?", question):
-                assert answer == _referent(scene, m.group(1)).colour
-            elif m := re.fullmatch(r"(?:what shape is the (\w+) (?:one|object)|what is the (\w+) shape)\?", question):
-                colour = m.group(1) or m.group(2)
-                (obj,) = [o for o in objs if o.colour == colour]
-                assert answer == obj.shape
-            elif question in ("how many shapes are there?", "how many objects are there?"):
-                assert answer == S.NUMBERS[len(objs)]
-            elif m := re.fullmatch(r"how many (\w+) are there\?", question):
-                shape = {v: k for k, v in S.PLURALS.items()}[m.group(1)]
-                assert answer == S.NUMBERS[sum(o.shape == shape for o in objs)]
-            elif m := re.fullmatch(r"how many (\w+) shapes are there\?", question):
-                assert answer == S.NUMBERS[sum(o.colour == m.group(1) for o in objs)]
-            elif m := re.fullmatch(r"where is (.+)\?", question):
-                x = _referent(scene, m.group(1)).cx / scene.size[0]
-                assert answer == ("on the left" if x < 1 / 3 else "in the middle" if x < 2 / 3 else "on the right")
-            elif m := re.fullmatch(r"is (.+) on the left or on the right\?", question):
-                assert answer == ("left" if _referent(scene, m.group(1)).cx < scene.size[0] / 2 else "right")
-            elif m := re.fullmatch(r"is there a (\w+) (\w+)\?", question):
-                assert answer == ("yes" if any((o.colour, o.shape) == m.groups() for o in objs) else "no")
-            elif m := re.fullmatch(r"are there any (\w+)\?", question):
-                shape = {v: k for k, v in S.PLURALS.items()}[m.group(1)]
-                assert answer == ("yes" if any(o.shape == shape for o in objs) else "no")
-            elif m := re.fullmatch(r"is (.+) (\w+)\?", question):
-                assert answer == ("yes" if _referent(scene, m.group(1)).colour == m.group(2) else "no")
-            else:
-                pytest.fail(f"unchecked question {question!r}")
+            _check_short_answer(scene, question, answer)
     assert set(kinds) == set(S.QUESTION_KINDS) and min(kinds.values()) >= 20
+
+
+def test_balanced_chats_ask_every_kind_alike_and_each_answer_is_right(wide_scenes):
+    kinds, answers = Counter(), {kind: Counter() for kind in S.QUESTION_KINDS}
+    for scene in wide_scenes + list(S.scene_stream(5, 40)):
+        turns = S.balanced_short_turns(scene, np.random.default_rng(scene.seed), 4)
+        assert len(turns) == 4 and len({q for _, q, _ in turns}) == 4  # four different questions
+        for kind, question, segments in turns:
+            kinds[kind] += 1
+            answers[kind][S.text_of(segments)] += 1
+            _check_short_answer(scene, question, S.text_of(segments))
+    total = sum(kinds.values())
+    assert all(0.12 < kinds[kind] / total < 0.3 for kind in S.QUESTION_KINDS), kinds
+    # the rare answers get their share: no answer of a kind crowds out the others
+    assert answers["position"]["in the middle"] > 0.2 * sum(answers["position"].values())
+    assert answers["count"]["one"] > 0.15 * sum(answers["count"].values())
+    assert 0.35 < answers["yes/no"]["no"] / sum(answers["yes/no"].values()) < 0.65
+    # a chat of balanced questions, as training draws it (with balanced_share 1): short questions only
+    for scene in wide_scenes[:20]:
+        chat = S.annotated_conversation(scene, np.random.default_rng(scene.seed), max_turns=3, short=True,
+                                        balanced_share=1.0)
+        assert 1 <= len(chat) <= 3
+        for question, segments in chat:
+            _check_short_answer(scene, question, S.text_of(segments))
 
 
 def test_short_qa_chats_replace_the_sentence_answers_and_every_word_is_known():
@@ -174,6 +203,34 @@ def test_chats_teach_visual_chain_of_thoughts_probe_on_the_object_the_question_n
     for scene in S.scene_stream(21, 10, wide=True):
         for user, _ in S.annotated_conversation(scene, np.random.default_rng(0), short=True):
             assert hint not in user and preamble not in user
+
+
+def test_answer_only_training_leaves_every_attention_map_as_it_was(tiny_demo_lmm, tmp_path):
+    from flmm_demo.demo_world.lmm import LmmTrainConfig, encode_chat, load, train
+
+    lmm, _ = tiny_demo_lmm
+    train(LmmTrainConfig(tmp_path / "answers", seed=3, tiny=True, init=lmm, short_qa=True, balanced_share=1.0,
+                         answer_only=True, chat_lr=1e-2, attention_weight=0.0), log=lambda _: None)
+    (before, processor), (after, _) = load(lmm), load(tmp_path / "answers")
+    old, new = before.state_dict(), after.state_dict()
+    moved = {k for k in old if not torch.equal(old[k], new[k])}
+    last = before.config.text_config.num_hidden_layers - 1
+    assert moved and all(k.startswith(("lm_head.", "model.language_model.norm.",
+                                       f"model.language_model.layers.{last}.mlp.",
+                                       f"model.language_model.layers.{last}.post_attention_layernorm."))
+                         for k in moved), sorted(moved)
+    # the same chat through both: identical attention weights in every layer, other logits
+    scene = S.make_scene(4)
+    ids, _ = encode_chat(processor, [(S.DESCRIBE_PROMPTS[0], S.describe(scene))],
+                         before.config.image_seq_length)
+    pixels = processor.image_processor(scene.pil(), return_tensors="pt").pixel_values
+    for m in (before, after):
+        m.set_attn_implementation("eager")  # sdpa returns no attention weights
+    outs = [m(input_ids=torch.tensor([ids]), pixel_values=pixels, output_attentions=True) for m in (before, after)]
+    assert len(outs[0].attentions) == last + 1
+    for a, b in zip(outs[0].attentions, outs[1].attentions):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(outs[0].logits, outs[1].logits, atol=1e-3)
 
 
 @pytest.mark.skipif(not (REPO / "checkpoints/demo-shapes/lmm/model.safetensors").exists(), reason="no demo LMM")
@@ -331,9 +388,12 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     wide = parse(list(by_out[recipe.WIDE_LMM].args))
     assert wide.init == recipe.CLASSIC_LMM and wide.wide_share == 0.5 and wide.short_qa
     assert wide.tune_vision and 0 < wide.probe_share < 1
-    final = parse(list(by_out[recipe.FINAL_LMM].args))
-    assert final.init == recipe.WIDE_LMM and final.short_qa and not final.tune_vision
-    assert 0 < final.vcot_share < 1 and final.context == 2048
+    attention = parse(list(by_out[recipe.ATTENTION_LMM].args))
+    assert attention.init == recipe.WIDE_LMM and attention.short_qa and not attention.tune_vision
+    assert 0 < attention.vcot_share < 1 and attention.context == 2048
+    final = parse(list(by_out[recipe.FINAL_LMM].args))  # an answer round on top: same context and chats
+    assert final.init == recipe.ATTENTION_LMM and final.answer_only and 0 < final.balanced_share < 1
+    assert final.context == 2048 and final.vcot_share == attention.vcot_share
     assert parse(list(by_out[recipe.HEAD_DATA].args)).wide_train == 1000
     sam = parse(list(by_out[recipe.SAM_RUN].args))
     assert sam.wide and str(sam.init).startswith(recipe.WIDE_SAM + "/")
@@ -395,7 +455,7 @@ def test_answer_confusions_tally_every_count_position_and_yes_no_question(tiny_d
     """benchmarks/answer_confusions.py asks each such question once, files it under its
     template and true answer, and counts every wrong reply among the confusions."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from answer_confusions import KINDS, main, tally, template
+    from answer_confusions import KINDS, main, middle_odds, tally, template
 
     assert template("how many red shapes are there?") == "how many"
     assert template("are there any circles?") == "are there any"
@@ -409,6 +469,13 @@ def test_answer_confusions_tally_every_count_position_and_yes_no_question(tiny_d
     assert sorted(k for k, oks in right.items() for _ in oks) == sorted(expected)
     assert sum(confusions.values()) == sum(not ok for oks in right.values() for ok in oks)
     assert all(reply != truth for (_, truth, reply) in confusions)
+    # P('in') before the answer: one probability per 'where is ...?' question, by true answer
+    odds = middle_odds(str(lmm), scenes)
+    rng = np.random.default_rng(0)
+    wheres = Counter(a for scene in scenes for _, q, a in S.short_questions(scene, rng) if q.startswith("where is "))
+    assert {a: len(p) for a, p in odds.items()} == dict(wheres)
+    assert all(0 < p < 1 for ps in odds.values() for p in ps)
     main(["--model", str(lmm), "--scenes", "3"])
     printed = capsys.readouterr().out
     assert printed.startswith(f"{n_asked} questions on 3 regular scenes") and "| count | how many ... |" in printed
+    assert "| where is ...? true answer |" in printed

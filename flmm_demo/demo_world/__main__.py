@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vcot-share", type=float, default=0.0,
                    help="share of chats that open with visual chain of thought's probe ('... the object most "
                         "relevant to the question is the circle.') and of questions after its crop preamble")
+    p.add_argument("--balanced-share", type=float, default=0.0,
+                   help="with --short-qa, share of chats of short questions drawn answer-balanced")
+    p.add_argument("--answer-only", action="store_true",
+                   help="train only the last layer's MLP and the output layer: every attention map stays")
     p.add_argument("--tune-vision", action="store_true",
                    help="with --init: first tune the vision tower on patch labels for --vision-share of the budget")
     p.add_argument("--probe-share", type=float, default=0.0,
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr, rope_theta=args.rope_theta,
             context=args.context,
             wide_share=args.wide_share, short_qa=args.short_qa, vcot_share=args.vcot_share,
-            threads=args.threads))
+            balanced_share=args.balanced_share, answer_only=args.answer_only, threads=args.threads))
     elif args.command == "train-sam":
         from flmm_demo.demo_world.sam import train as train_sam
 

@@ -199,7 +199,8 @@ def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image
 
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
                n_image_tokens: int, max_turns: int, ground_share: float = 0.0,
-               ground_turns: int = 1, short_qa: bool = False, vcot_share: float = 0.0) -> dict[str, torch.Tensor]:
+               ground_turns: int = 1, short_qa: bool = False, vcot_share: float = 0.0,
+               balanced_share: float = 0.0) -> dict[str, torch.Tensor]:
     """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
     referent (B, T); covers (B, max objects, g*g); pixel_values. Each chat is, with
     probability ground_share, ground_turns grounding turns (each a description prompt
@@ -207,15 +208,16 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
     conversation. Several grounding turns share one pass over the 576 image tokens, so
     they multiply the supervised words of a step for a few more text tokens. short_qa:
     questions get short answers ('red', 'three', 'yes'; see scenes.short_question_segments).
-    vcot_share: chats with visual chain of thought's probe and crop preamble (see
-    scenes.annotated_conversation)."""
+    vcot_share: chats with visual chain of thought's probe and crop preamble, balanced_share:
+    chats of answer-balanced short questions (see scenes.annotated_conversation)."""
     seqs = []
     for i in idx:
         if rng.random() < ground_share:
             turns = [S.grounding_turn(pool.scenes[i], rng) for _ in range(ground_turns)]
             seqs.append(encode_annotated_chat(processor, turns, n_image_tokens, answer_loss=False))
         else:
-            chat = S.annotated_conversation(pool.scenes[i], rng, max_turns, short=short_qa, vcot_share=vcot_share)
+            chat = S.annotated_conversation(pool.scenes[i], rng, max_turns, short=short_qa, vcot_share=vcot_share,
+                                            balanced_share=balanced_share)
             seqs.append(encode_annotated_chat(processor, chat, n_image_tokens))
     T = max(len(s[0]) for s in seqs)
     pad = processor.tokenizer.pad_token_id
@@ -353,6 +355,11 @@ class LmmTrainConfig:
     short_qa: questions about colour, shape, count, position and yes/no get short answers.
     vcot_share: share of chats that open with visual chain of thought's probe, and of
     questions asked after its crop preamble (scenes.annotated_conversation).
+    balanced_share (with short_qa): share of chats made of short questions drawn with
+    every kind and answer equally likely (scenes.balanced_short_turns).
+    answer_only: the chat stage trains only what comes after the last layer's attention
+    (its MLP and norm, the final norm and the output layer), so every layer's attention
+    weights, which the F-LMM head reads, stay exactly those of config.init.
     """
 
     out_dir: str | Path
@@ -376,6 +383,8 @@ class LmmTrainConfig:
     wide_share: float = 0.0
     short_qa: bool = False
     vcot_share: float = 0.0
+    balanced_share: float = 0.0
+    answer_only: bool = False
     threads: int = 2
 
 
@@ -517,6 +526,11 @@ def train_chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, 
     teacher-forced, plus config.attention_weight x the attention loss; eager attention so
     the supervised heads' weights are there to be trained."""
     model.model.language_model.config._attn_implementation = "eager"
+    if config.answer_only:
+        model.requires_grad_(False)
+        last = model.model.language_model.layers[-1]
+        for part in (last.post_attention_layernorm, last.mlp, model.model.language_model.norm, model.lm_head):
+            part.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.chat_lr, weight_decay=0.01)
     max_steps = 8 if config.tiny else 1_000_000
@@ -527,7 +541,7 @@ def train_chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, 
         idx = rng.integers(0, len(pool.scenes), config.batch_size).tolist()
         batch = chat_batch(processor, pool, idx, rng, size.grid ** 2, max_turns=3, ground_share=config.ground_share,
                            ground_turns=config.ground_turns, short_qa=config.short_qa,
-                           vcot_share=config.vcot_share)
+                           vcot_share=config.vcot_share, balanced_share=config.balanced_share)
         logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], features[idx].float())
         labels = batch["labels"]
         if (labels[:, 1:] != -100).any():
@@ -591,10 +605,10 @@ def load(folder: str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProces
 # ----------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: list[Image.Image],
-           prompts: list[list[tuple[str, str]] | str], max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers to the last user message of each chat (earlier turns as (user, assistant))."""
+def chat_inputs(processor: LlavaProcessor, images: list[Image.Image],
+                prompts: list[list[tuple[str, str]] | str]) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs of each chat up to its assistant's next turn (earlier turns
+    as (user, assistant); the image in the first user turn)."""
     texts = []
     for chat in prompts:
         turns = [(chat, None)] if isinstance(chat, str) else chat
@@ -605,9 +619,27 @@ def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, imag
             if assistant is not None:
                 msgs.append({"role": "assistant", "content": [{"type": "text", "text": assistant}]})
         texts.append(processor.apply_chat_template(msgs, add_generation_prompt=True))
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def answer(model: LlavaForConditionalGeneration, processor: LlavaProcessor, images: list[Image.Image],
+           prompts: list[list[tuple[str, str]] | str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers to the last user message of each chat (earlier turns as (user, assistant))."""
+    inputs = chat_inputs(processor, images, prompts)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return [s.strip() for s in processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def first_word_probability(model: LlavaForConditionalGeneration, processor: LlavaProcessor,
+                           images: list[Image.Image], questions: list[str], word: str) -> list[float]:
+    """The probability of `word` as the first word of the answer to each question: what
+    the model believes before it has said anything. One chat per pass: unpadded, so the
+    positions are those generation uses."""
+    token = processor.tokenizer.convert_tokens_to_ids(word)
+    return [model(**chat_inputs(processor, [image], [question])).logits[0, -1].softmax(-1)[token].item()
+            for image, question in zip(images, questions)]
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 9 hours on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 10 hours on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -37,7 +37,10 @@ def _round(out: str, why: str, *args: str) -> Step:
 
 CLASSIC_LMM = "runs/lmm-rope2"  # the last round of the classic world (the LMM of releases before issue 15)
 WIDE_LMM = "runs/lmm-wide2"  # the first round on the wide world (the LMM of round 8)
-FINAL_LMM = "runs/lmm-wide3"  # visual chain of thought's probe and a 2,048-token context: the LMM that ships
+# visual chain of thought's probe and a 2,048-token context: the last round that trains attention,
+# so the maps the head reads are this LMM's (the answer rounds after it keep every one)
+ATTENTION_LMM = "runs/lmm-wide3"
+FINAL_LMM = "runs/lmm-answer"  # round 12, an answer round on top of it: the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -48,6 +51,10 @@ HEAD_RUN = "runs/demo-shapes-head-wide3"
 FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
 
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
+# The answer round: no grounding turns or attention loss (attention cannot move).
+ANSWERS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share", "0.15",
+           "--balanced-share", "0.5", "--answer-only", "--chat-lr", "1e-3", "--ground-share", "0",
+           "--attention-weight", "0", "--threads", "1")
 
 STEPS: tuple[Step, ...] = (
     _round("runs/lmm-base", "from scratch: vision tower on patch labels (40%, first at 128 px), then chat",
@@ -71,10 +78,13 @@ STEPS: tuple[Step, ...] = (
            "--short-qa", "--tune-vision", "--vision-share", "0.3", "--probe-share", "0.25", "--vision-lr", "5e-4",
            "--chat-lr", "5e-4", "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3",
            "--threads", "1"),
-    _round(FINAL_LMM, "60% wide pool; 15% of chats open with visual chain of thought's probe; 2,048 positions",
+    _round(ATTENTION_LMM, "60% wide pool; 15% of chats open with visual chain of thought's probe; 2,048 positions",
            "--init", WIDE_LMM, "--seed", "8", "--minutes", "55", "--scenes", "2000", "--wide-share", "0.6",
            "--context", "2048", "--short-qa", "--vcot-share", "0.15", "--chat-lr", "4e-4", "--ground-share", "0.5",
            "--ground-turns", "6", "--attention-weight", "3", "--threads", "1"),
+    _round(FINAL_LMM, "half the chats are short questions drawn answer-balanced; only the last layer's MLP and "
+           "the output layer train, so every attention map stays",
+           "--init", ATTENTION_LMM, *ANSWERS, "--seed", "13", "--minutes", "40"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0", "--wide-train", "1000"),
          HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
@@ -92,11 +102,12 @@ STEPS: tuple[Step, ...] = (
     Step("flmm_demo.demo_world", ("train-sam", "--init", f"{WIDE_SAM}/sam_vit_tiny.safetensors", "--out",
                                   SAM_RUN, "--seed", "15", "--minutes", "50", "--lr", "1e-4", "--wide"),
          SAM_RUN, "a third round on the wide world, lower again"),
-    Step("flmm_demo", ("train", "--model", FINAL_LMM, "--data", HEAD_DATA,
+    Step("flmm_demo", ("train", "--model", ATTENTION_LMM, "--data", HEAD_DATA,
                        "--out", HEAD_RUN, "--sam", FINAL_SAM, "--sam-variant", "vit_tiny",
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
-         HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM"),
+         HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
+         "attention LMM: the answer rounds leave its maps as they are"),
 )
 
 def done(step: Step, root: Path) -> bool:

@@ -617,6 +617,58 @@ def short_questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, s
     return [(kind, q, text_of(a)) for kind, q, a in short_question_segments(scene, rng)]
 
 
+def _answer_pools(scene: Scene, rng: np.random.Generator) -> dict[str, dict[str, list[tuple[str, list[Segment]]]]]:
+    """kind -> short answer -> [(question, annotated answer)]: short_question_segments plus
+    a count question for every shape and colour, a yes/no question for every object and
+    about an absent shape, and 'are there any ...?' for every shape, so the rare answers
+    ('in the middle', 'one', 'no') have questions to draw from."""
+    pools: dict[str, dict[str, list[tuple[str, list[Segment]]]]] = {}
+
+    def add(kind: str, question: str, segments: list[Segment]) -> None:
+        answers = pools.setdefault(kind, {}).setdefault(text_of(segments), [])
+        if question not in [q for q, _ in answers]:
+            answers.append((question, segments))
+
+    for kind, question, segments in short_question_segments(scene, rng):
+        add(kind, question, segments)
+    objs = scene.objects
+    for shape in SHAPES:
+        add("count", f"how many {PLURALS[shape]} are there?", [(NUMBERS[sum(o.shape == shape for o in objs)], None, None)])
+        add("yes/no", f"are there any {PLURALS[shape]}?",
+            [("yes" if any(o.shape == shape for o in objs) else "no", None, None)])
+    for colour in COLOURS:
+        add("count", f"how many {colour} shapes are there?",
+            [(NUMBERS[sum(o.colour == colour for o in objs)], None, None)])
+    there = {(o.colour, o.shape) for o in objs}
+    for colour, shape in sorted(there):
+        add("yes/no", f"is there a {colour} {shape}?", [("yes", None, None)])
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in there]
+    for k in rng.permutation(len(absent))[:len(there)]:
+        colour, shape = absent[int(k)]
+        add("yes/no", f"is there a {colour} {shape}?", [("no", None, None)])
+    return pools
+
+
+def balanced_short_turns(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, list[Segment]]]:
+    """Up to n different (kind, question, annotated short answer), each drawn with
+    every kind (QUESTION_KINDS) equally likely and, within a kind, every answer the scene
+    allows equally likely: 'in the middle' as often as 'on the left', 'one' as often as
+    'zero', 'no' as often as 'yes'. Chats of all a scene's questions teach the commonest
+    answers as priors (the model never says 'in the middle'); these undo that."""
+    pools = _answer_pools(scene, rng)
+    turns: list[tuple[str, str, list[Segment]]] = []
+    while len(turns) < n and pools:
+        kind = _pick(rng, sorted(pools))
+        reply = _pick(rng, sorted(pools[kind]))
+        options = pools[kind][reply]
+        turns.append((kind, *options.pop(int(rng.integers(0, len(options))))))
+        if not options:
+            del pools[kind][reply]
+        if not pools[kind]:
+            del pools[kind]
+    return turns
+
+
 def vcot_probe_turn(scene: Scene, rng: np.random.Generator) -> tuple[str, list[Segment]] | None:
     """Visual chain of thought's probe about one object, as the grounder asks it: a
     question naming the object followed by VCOT_HINT, answered by VCOT_LEAD and the
@@ -638,12 +690,17 @@ def vcot_probe_turn(scene: Scene, rng: np.random.Generator) -> tuple[str, list[S
 
 
 def annotated_conversation(scene: Scene, rng: np.random.Generator, max_turns: int = 3,
-                           short: bool = False, vcot_share: float = 0.0) -> list[tuple[str, list[Segment]]]:
+                           short: bool = False, vcot_share: float = 0.0,
+                           balanced_share: float = 0.0) -> list[tuple[str, list[Segment]]]:
     """A chat of 1-max_turns (user, annotated answer) turns; most open with the description.
     short: questions get short answers (see questions_and_answer_segments). vcot_share:
     the chat's first question is visual chain of thought's probe (vcot_probe_turn) with
     this probability, and each other question is asked after the crop's preamble
-    (VCOT_REGION_ALONE) with this probability."""
+    (VCOT_REGION_ALONE) with this probability. balanced_share (with short): the chat is,
+    with this probability, 1-max_turns short questions drawn answer-balanced
+    (balanced_short_turns) instead."""
+    if short and balanced_share > 0 and rng.random() < balanced_share:
+        return [(q, a) for _, q, a in balanced_short_turns(scene, rng, int(rng.integers(1, max_turns + 1)))]
     turns: list[tuple[str, list[Segment]]] = []
     qa = questions_and_answer_segments(scene, rng, short)
     if vcot_share > 0:
