@@ -38,7 +38,7 @@ def _round(out: str, why: str, *args: str) -> Step:
 CLASSIC_LMM = "runs/lmm-rope2"  # the last round of the classic world (the LMM of releases before issue 15)
 WIDE_LMM = "runs/lmm-wide2"  # the first round on the wide world (the LMM of round 8)
 # visual chain of thought's probe and a 2,048-token context: the last round that trains attention,
-# so the maps the head reads are this LMM's (the answer rounds after it keep every one)
+# so the maps the head reads are this LMM's (the answer round after it keeps every one)
 ATTENTION_LMM = "runs/lmm-wide3"
 FINAL_LMM = "runs/lmm-answer"  # round 12, an answer round on top of it: the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
