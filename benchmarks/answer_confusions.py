@@ -45,11 +45,9 @@ def _asked(scenes: list) -> list[tuple[int, str, str, str]]:
             for kind, q, a in S.short_questions(scene, rng) if kind in KINDS]
 
 
-def tally(model_dir: str, scenes: list, threads: int = 1):
+def tally(model, processor, scenes: list):
     """Ask every question of KINDS on these scenes. Returns (exact match per (kind,
     template, true answer), Counter of wrong (template, true answer, reply), questions asked)."""
-    torch.set_num_threads(threads)
-    model, processor = load(model_dir)
     asked = _asked(scenes)
     right: dict[tuple[str, str, str], list[bool]] = collections.defaultdict(list)
     confusions: collections.Counter = collections.Counter()
@@ -60,10 +58,8 @@ def tally(model_dir: str, scenes: list, threads: int = 1):
     return dict(right), confusions, len(asked)
 
 
-def middle_odds(model_dir: str, scenes: list, threads: int = 1) -> dict[str, list[float]]:
+def middle_odds(model, processor, scenes: list) -> dict[str, list[float]]:
     """True answer of each 'where is ...?' question -> P('in') as the answer's first word."""
-    torch.set_num_threads(threads)
-    model, processor = load(model_dir)
     where = [(k, q, a) for k, _, q, a in _asked(scenes) if q.startswith("where is ")]
     odds = first_word_probability(model, processor, [scenes[k].pil() for k, _, _ in where],
                                   [q for _, q, _ in where], "in")
@@ -82,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     scenes = list(scene_stream(args.seed, args.scenes, wide=args.wide))
-    right, confusions, n_asked = tally(args.model, scenes, args.threads)
+    torch.set_num_threads(args.threads)
+    model, processor = load(args.model)
+    right, confusions, n_asked = tally(model, processor, scenes)
     print(f"{n_asked} questions on {len(scenes)} {'wide' if args.wide else 'regular'} scenes "
           f"(seed {args.seed}), model {args.model}\n")
     print("| kind | question | true answer | exact | n |\n|---|---|---|---|---|")
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     for (t, a, reply), n in confusions.most_common(12):
         print(f"| {t} ... | {a} | {reply} | {n} |")
     print("\n| where is ...? true answer | mean P('in') as the first word | n |\n|---|---|---|")
-    for a, odds in sorted(middle_odds(args.model, scenes, args.threads).items()):
+    for a, odds in sorted(middle_odds(model, processor, scenes).items()):
         print(f"| {a} | {np.mean(odds):.2f} | {len(odds)} |")
     print(f"\nCommand: `python {' '.join(['benchmarks/answer_confusions.py', *(argv if argv is not None else sys.argv[1:])])}`")
 

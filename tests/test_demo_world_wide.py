@@ -457,6 +457,8 @@ def test_answer_confusions_tally_every_count_position_and_yes_no_question(tiny_d
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from answer_confusions import KINDS, main, middle_odds, tally, template
 
+    from flmm_demo.demo_world.lmm import load  # the benchmark's functions take a loaded model
+
     assert template("how many red shapes are there?") == "how many"
     assert template("are there any circles?") == "are there any"
     lmm, _ = tiny_demo_lmm
@@ -464,13 +466,14 @@ def test_answer_confusions_tally_every_count_position_and_yes_no_question(tiny_d
     rng = np.random.default_rng(0)
     expected = [(kind, template(q), a) for scene in scenes for kind, q, a in S.short_questions(scene, rng)
                 if kind in KINDS]
-    right, confusions, n_asked = tally(str(lmm), scenes)
+    model, processor = load(lmm)
+    right, confusions, n_asked = tally(model, processor, scenes)
     assert n_asked == len(expected) > 0
     assert sorted(k for k, oks in right.items() for _ in oks) == sorted(expected)
     assert sum(confusions.values()) == sum(not ok for oks in right.values() for ok in oks)
     assert all(reply != truth for (_, truth, reply) in confusions)
     # P('in') before the answer: one probability per 'where is ...?' question, by true answer
-    odds = middle_odds(str(lmm), scenes)
+    odds = middle_odds(model, processor, scenes)
     rng = np.random.default_rng(0)
     wheres = Counter(a for scene in scenes for _, q, a in S.short_questions(scene, rng) if q.startswith("where is "))
     assert {a: len(p) for a, p in odds.items()} == dict(wheres)
