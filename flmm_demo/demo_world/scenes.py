@@ -653,8 +653,9 @@ def balanced_short_turns(scene: Scene, rng: np.random.Generator, n: int) -> list
     """Up to n different (kind, question, annotated short answer), each drawn with
     every kind (QUESTION_KINDS) equally likely and, within a kind, every answer the scene
     allows equally likely: 'in the middle' as often as 'on the left', 'one' as often as
-    'zero', 'no' as often as 'yes'. Chats of all a scene's questions teach the commonest
-    answers as priors (the model never says 'in the middle'); these undo that."""
+    'zero', 'no' as often as 'yes'. Within a kind, the answers of a scene's own questions
+    are already about that even; what chats of these change is how often such questions
+    are asked (docs/demo_world_results.md, round 12)."""
     pools = _answer_pools(scene, rng)
     turns: list[tuple[str, str, list[Segment]]] = []
     while len(turns) < n and pools:
