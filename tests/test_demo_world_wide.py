@@ -391,9 +391,17 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     attention = parse(list(by_out[recipe.ATTENTION_LMM].args))
     assert attention.init == recipe.WIDE_LMM and attention.short_qa and not attention.tune_vision
     assert 0 < attention.vcot_share < 1 and attention.context == 2048
-    final = parse(list(by_out[recipe.FINAL_LMM].args))  # an answer round on top: same context and chats
-    assert final.init == recipe.ATTENTION_LMM and final.answer_only and 0 < final.balanced_share < 1
-    assert final.context == 2048 and final.vcot_share == attention.vcot_share
+    answers = parse(list(by_out[recipe.ANSWER_LMM].args))  # an answer round on top: same context and chats
+    assert answers.init == recipe.ATTENTION_LMM and answers.answer_only and 0 < answers.balanced_share < 1
+    assert answers.context == 2048 and answers.vcot_share == attention.vcot_share
+    cue = parse(list(by_out[recipe.CUE_LMM].args))  # then the cue round on the same chats, and answers again
+    assert cue.init == recipe.ANSWER_LMM and cue.cue_attention and not cue.answer_only
+    assert (cue.context, cue.vcot_share, cue.balanced_share) == (2048, answers.vcot_share, answers.balanced_share)
+    final = parse(list(by_out[recipe.FINAL_LMM].args))
+    assert final.init == recipe.CUE_LMM and final.answer_only
+    same = {"out", "init", "seed"}  # the two answer rounds differ in nothing else
+    assert {k: v for k, v in vars(final).items() if k not in same} == {
+        k: v for k, v in vars(answers).items() if k not in same}
     assert parse(list(by_out[recipe.HEAD_DATA].args)).wide_train == 1000
     sam = parse(list(by_out[recipe.SAM_RUN].args))
     assert sam.wide and str(sam.init).startswith(recipe.WIDE_SAM + "/")
@@ -482,3 +490,34 @@ def test_answer_confusions_tally_every_count_position_and_yes_no_question(tiny_d
     printed = capsys.readouterr().out
     assert printed.startswith(f"{n_asked} questions on 3 regular scenes") and "| count | how many ... |" in printed
     assert "| where is ...? true answer |" in printed
+
+
+def test_cue_supervises_the_token_that_predicts_each_one_word_answer():
+    from types import SimpleNamespace
+
+    from flmm_demo.demo_world.lmm import encode_annotated_chat
+    from flmm_demo.demo_world.tokenizer import build_tokenizer
+
+    processor = SimpleNamespace(tokenizer=build_tokenizer())
+    colon = processor.tokenizer.convert_tokens_to_ids(":")
+    cued = 0
+    for scene in S.scene_stream(41, 12, wide=True):
+        rng = np.random.default_rng(scene.seed)
+        turns = [(q, a) for _, q, a in S.short_question_segments(scene, rng)]
+        plain = encode_annotated_chat(processor, turns, 9)
+        ids, labels, mention, referent = encode_annotated_chat(processor, turns, 9, cue=True)
+        assert (ids, labels) == plain[:2]  # the tokens and what the chat loss sees are the same
+        changed = [t for t in range(len(ids)) if (mention[t], referent[t]) != (plain[2][t], plain[3][t])]
+        # only prompt tokens change: each is the ':' right before an answer's first
+        # (supervised) word, and takes that word's objects
+        starts = [t for t in range(1, len(ids)) if labels[t] != -100 and labels[t - 1] == -100]
+        assert changed == [t - 1 for t in starts if mention[t] >= 0]
+        assert len(starts) == len(turns)
+        for (_, segments), t in zip(turns, starts):
+            _, mentioned, referred = segments[0]
+            if mentioned is None:  # counts and 'is there a ...?' are about no one object: nothing cued
+                assert t - 1 not in changed
+            else:  # 'what colour is the circle?': the ':' before 'red' points at the circle
+                assert ids[t - 1] == colon and (mention[t - 1], referent[t - 1]) == (mentioned, referred)
+                cued += 1
+    assert cued >= 30

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --short-qa, share of chats of short questions drawn answer-balanced")
     p.add_argument("--answer-only", action="store_true",
                    help="train only the last layer's MLP and the output layer: every attention map stays")
+    p.add_argument("--cue-attention", action="store_true",
+                   help="the attention loss also supervises each answer's last prompt token, toward the "
+                        "object of the answer's first word (the token that predicts a one-word answer)")
     p.add_argument("--tune-vision", action="store_true",
                    help="with --init: first tune the vision tower on patch labels for --vision-share of the budget")
     p.add_argument("--probe-share", type=float, default=0.0,
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
             ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr, rope_theta=args.rope_theta,
             context=args.context,
             wide_share=args.wide_share, short_qa=args.short_qa, vcot_share=args.vcot_share,
-            balanced_share=args.balanced_share, answer_only=args.answer_only, threads=args.threads))
+            balanced_share=args.balanced_share, answer_only=args.answer_only,
+            cue_attention=args.cue_attention, threads=args.threads))
     elif args.command == "train-sam":
         from flmm_demo.demo_world.sam import train as train_sam
 

@@ -16,7 +16,9 @@ Training, in two stages:
    name and REFERENT_HEADS to the object the whole expression is about (in "the
    triangle left of the blue square" both are the triangle until "the blue square",
    whose words mention the square but still refer to the triangle). The target is the
-   object's share of each patch, normalised; the other heads learn freely. This is the
+   object's share of each patch, normalised; the other heads learn freely. Optionally
+   (cue_attention) the prompt's last token, whose output is the answer's first word,
+   is supervised too: for 'what colour is the circle?' it attends to the circle. This is the
    demo world's stand-in for the web-scale pre-training that gives real LMMs grounded
    attention; the F-LMM head still reads all layers x heads and is trained as usual.
 """
@@ -163,11 +165,15 @@ def make_pool(seed: int, n: int, processor: LlavaProcessor, grid: int, held_out:
 
 
 def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str | list[S.Segment]]],
-                          n_image_tokens: int, answer_loss: bool = True) -> tuple[list[int], list[int], list[int], list[int]]:
+                          n_image_tokens: int, answer_loss: bool = True,
+                          cue: bool = False) -> tuple[list[int], list[int], list[int], list[int]]:
     """Token ids of a chat as the chat template renders it (image in the first user turn);
     labels: the assistant's tokens and their </s>, -100 elsewhere (everywhere when not
     answer_loss); and, per token, the object its words mention and the object they refer
-    to (-1: none). An answer is a string or a list of segments (text, mentioned, referent)."""
+    to (-1: none). An answer is a string or a list of segments (text, mentioned, referent).
+    cue: the last token of each prompt (':' of 'ASSISTANT:'), the position whose output
+    predicts the answer's first word, also gets that word's object, so a one-word answer
+    ('red' to 'what colour is the circle?') is predicted where attention is on the circle."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     ids, labels, mention, referent = [tok.bos_token_id], [-100], [-1], [-1]
@@ -186,8 +192,9 @@ def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str 
         answer.append(tok.eos_token_id)
         ids += prompt + answer
         labels += [-100] * len(prompt) + (answer if answer_loss else [-100] * len(answer))
-        mention += [-1] * len(prompt) + ment + [-1]
-        referent += [-1] * len(prompt) + ref + [-1]
+        last_m, last_r = (ment[0], ref[0]) if cue and ment else (-1, -1)
+        mention += [-1] * (len(prompt) - 1) + [last_m] + ment + [-1]
+        referent += [-1] * (len(prompt) - 1) + [last_r] + ref + [-1]
     return ids, labels, mention, referent
 
 
@@ -200,7 +207,7 @@ def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
                n_image_tokens: int, max_turns: int, ground_share: float = 0.0,
                ground_turns: int = 1, short_qa: bool = False, vcot_share: float = 0.0,
-               balanced_share: float = 0.0) -> dict[str, torch.Tensor]:
+               balanced_share: float = 0.0, cue: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
     referent (B, T); covers (B, max objects, g*g); pixel_values. Each chat is, with
     probability ground_share, ground_turns grounding turns (each a description prompt
@@ -209,7 +216,9 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
     they multiply the supervised words of a step for a few more text tokens. short_qa:
     questions get short answers ('red', 'three', 'yes'; see scenes.short_question_segments).
     vcot_share: chats with visual chain of thought's probe and crop preamble, balanced_share:
-    chats of answer-balanced short questions (see scenes.annotated_conversation)."""
+    chats of answer-balanced short questions (see scenes.annotated_conversation); cue: the
+    conversations' prompts end on a token supervised like the answer's first word
+    (encode_annotated_chat)."""
     seqs = []
     for i in idx:
         if rng.random() < ground_share:
@@ -218,7 +227,7 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
         else:
             chat = S.annotated_conversation(pool.scenes[i], rng, max_turns, short=short_qa, vcot_share=vcot_share,
                                             balanced_share=balanced_share)
-            seqs.append(encode_annotated_chat(processor, chat, n_image_tokens))
+            seqs.append(encode_annotated_chat(processor, chat, n_image_tokens, cue=cue))
     T = max(len(s[0]) for s in seqs)
     pad = processor.tokenizer.pad_token_id
     ids = torch.full((len(idx), T), pad)
@@ -360,6 +369,9 @@ class LmmTrainConfig:
     answer_only: the chat stage trains only what comes after the last layer's attention
     (its MLP and norm, the final norm and the output layer), so every layer's attention
     weights, which the F-LMM head reads, stay exactly those of config.init.
+    cue_attention: the attention loss also supervises the last prompt token of each
+    conversation turn, toward the object the answer's first word is about (the position
+    that predicts a one-word answer; see encode_annotated_chat).
     """
 
     out_dir: str | Path
@@ -385,6 +397,7 @@ class LmmTrainConfig:
     vcot_share: float = 0.0
     balanced_share: float = 0.0
     answer_only: bool = False
+    cue_attention: bool = False
     threads: int = 2
 
 
@@ -541,7 +554,8 @@ def train_chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, 
         idx = rng.integers(0, len(pool.scenes), config.batch_size).tolist()
         batch = chat_batch(processor, pool, idx, rng, size.grid ** 2, max_turns=3, ground_share=config.ground_share,
                            ground_turns=config.ground_turns, short_qa=config.short_qa,
-                           vcot_share=config.vcot_share, balanced_share=config.balanced_share)
+                           vcot_share=config.vcot_share, balanced_share=config.balanced_share,
+                           cue=config.cue_attention)
         logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], features[idx].float())
         labels = batch["labels"]
         if (labels[:, 1:] != -100).any():

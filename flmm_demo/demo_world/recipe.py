@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 10 hours on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 11.5 hours on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -37,10 +37,13 @@ def _round(out: str, why: str, *args: str) -> Step:
 
 CLASSIC_LMM = "runs/lmm-rope2"  # the last round of the classic world (the LMM of releases before issue 15)
 WIDE_LMM = "runs/lmm-wide2"  # the first round on the wide world (the LMM of round 8)
-# visual chain of thought's probe and a 2,048-token context: the last round that trains attention,
-# so the maps the head reads are this LMM's (the answer round after it keeps every one)
+# visual chain of thought's probe and a 2,048-token context: the LMM the head is trained on
 ATTENTION_LMM = "runs/lmm-wide3"
-FINAL_LMM = "runs/lmm-answer"  # round 12, an answer round on top of it: the LMM that ships
+ANSWER_LMM = "runs/lmm-answer"  # round 12, an answer round on top of it (every attention map kept)
+# round 13: the prompt's last token taught to look at the object an answer is about (--cue-attention).
+# It moves the maps a little; round 9's head still fits them, as docs/demo_world_results.md measures.
+CUE_LMM = "runs/lmm-cue2"
+FINAL_LMM = "runs/lmm-cue2a"  # round 13's answer round on top of it (its maps kept): the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -82,9 +85,17 @@ STEPS: tuple[Step, ...] = (
            "--init", WIDE_LMM, "--seed", "8", "--minutes", "55", "--scenes", "2000", "--wide-share", "0.6",
            "--context", "2048", "--short-qa", "--vcot-share", "0.15", "--chat-lr", "4e-4", "--ground-share", "0.5",
            "--ground-turns", "6", "--attention-weight", "3", "--threads", "1"),
-    _round(FINAL_LMM, "half the chats are short questions drawn answer-balanced; only the last layer's MLP and "
+    _round(ANSWER_LMM, "half the chats are short questions drawn answer-balanced; only the last layer's MLP and "
            "the output layer train, so every attention map stays",
            "--init", ATTENTION_LMM, *ANSWERS, "--seed", "13", "--minutes", "40"),
+    _round(CUE_LMM, "the whole language model with the attention loss, on the same chats; the last token of "
+           "each prompt also attends to the object the answer's first word is about",
+           "--init", ANSWER_LMM, "--seed", "16", "--minutes", "40", "--scenes", "2000", "--wide-share", "0.6",
+           "--context", "2048", "--short-qa", "--vcot-share", "0.15", "--balanced-share", "0.5", "--chat-lr",
+           "3e-4", "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
+           "--threads", "1"),
+    _round(FINAL_LMM, "an answer round again, on the cue round's maps",
+           "--init", CUE_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0", "--wide-train", "1000"),
          HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
@@ -107,7 +118,7 @@ STEPS: tuple[Step, ...] = (
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
-         "attention LMM: the answer rounds leave its maps as they are"),
+         "attention LMM: the answer rounds keep its maps, round 13's cue round moves them a little"),
 )
 
 def done(step: Step, root: Path) -> bool:
