@@ -54,9 +54,11 @@ HEAD_RUN = "runs/demo-shapes-head-wide3"
 FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
 
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
+# The chats of rounds 12 and 13: 60% wide pool, short answers, the probe, half answer-balanced.
+BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share",
+                  "0.15", "--balanced-share", "0.5")
 # The answer round: no grounding turns or attention loss (attention cannot move).
-ANSWERS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share", "0.15",
-           "--balanced-share", "0.5", "--answer-only", "--chat-lr", "1e-3", "--ground-share", "0",
+ANSWERS = (*BALANCED_CHATS, "--answer-only", "--chat-lr", "1e-3", "--ground-share", "0",
            "--attention-weight", "0", "--threads", "1")
 
 STEPS: tuple[Step, ...] = (
@@ -90,9 +92,8 @@ STEPS: tuple[Step, ...] = (
            "--init", ATTENTION_LMM, *ANSWERS, "--seed", "13", "--minutes", "40"),
     _round(CUE_LMM, "the whole language model with the attention loss, on the same chats; the last token of "
            "each prompt also attends to the object the answer's first word is about",
-           "--init", ANSWER_LMM, "--seed", "16", "--minutes", "40", "--scenes", "2000", "--wide-share", "0.6",
-           "--context", "2048", "--short-qa", "--vcot-share", "0.15", "--balanced-share", "0.5", "--chat-lr",
-           "3e-4", "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
+           "--init", ANSWER_LMM, "--seed", "16", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "3e-4",
+           "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
            "--threads", "1"),
     _round(FINAL_LMM, "an answer round again, on the cue round's maps",
            "--init", CUE_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
