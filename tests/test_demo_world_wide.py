@@ -2,6 +2,7 @@
 visual chain of thought within the demo model's context, and the app's photo notice."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -9,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import cv2
+
 import numpy as np
 import pytest
 import torch
@@ -515,9 +517,69 @@ def test_cue_supervises_the_token_that_predicts_each_one_word_answer():
         assert len(starts) == len(turns)
         for (_, segments), t in zip(turns, starts):
             _, mentioned, referred = segments[0]
-            if mentioned is None:  # counts and 'is there a ...?' are about no one object: nothing cued
-                assert t - 1 not in changed
+            if not isinstance(mentioned, int):  # counts and 'is there a ...?' are about no one object:
+                assert t - 1 not in changed      # without groups nothing is cued
             else:  # 'what colour is the circle?': the ':' before 'red' points at the circle
                 assert ids[t - 1] == colon and (mention[t - 1], referent[t - 1]) == (mentioned, referred)
                 cued += 1
     assert cued >= 30
+
+
+def test_groups_supervise_counts_and_presence_toward_the_objects_they_are_about():
+    from flmm_demo.demo_world.lmm import chat_batch, encode_annotated_chat, make_pool
+    from flmm_demo.demo_world.tokenizer import build_processor
+
+    # The annotations: a count's group holds as many objects as its answer says, 'yes' to
+    # 'is there a ...?' / 'are there any ...?' groups the objects that make it true, 'no' none.
+    numbers = {word: n for n, word in enumerate(S.NUMBERS)}
+    checked = {"count": 0, "yes": 0, "no": 0}
+    for scene in S.scene_stream(43, 20, wide=True):
+        objs = scene.objects
+        for kind, question, segments in S.short_question_segments(scene, np.random.default_rng(scene.seed)):
+            (answer, mentioned, referred), = segments
+            if kind == "count":
+                assert len(mentioned or ()) == numbers[answer] and mentioned == referred, (question, segments)
+                if question.startswith("how many shapes") or question.startswith("how many objects"):
+                    assert mentioned == tuple(range(len(objs)))
+                checked["count"] += 1
+            elif question.startswith(("is there a ", "are there any ")):
+                words = question[:-1].split()
+                assert (answer == "yes") == (mentioned is not None) and mentioned == referred
+                for i in mentioned or ():
+                    assert objs[i].shape in words[-1] and (words[2] == "any" or objs[i].colour == words[3])
+                checked[answer] += 1
+    assert min(checked.values()) >= 5, checked
+
+    # The batch: a group token indexes a row of covers after the scene's objects that is
+    # the mean of its objects' coverage; without groups the same tokens are about nothing.
+    processor = build_processor(image_size=64, patch_size=8)
+    pool = make_pool(23, 6, processor, grid=8, wide_share=0.5)
+    rows = counted = 0
+    for seed in range(4):
+        idx = list(range(6))
+        batch = chat_batch(processor, pool, idx, np.random.default_rng(seed), 64, max_turns=3, short_qa=True,
+                           balanced_share=1.0, cue=True, groups=True)
+        plain = chat_batch(processor, pool, idx, np.random.default_rng(seed), 64, max_turns=3, short_qa=True,
+                           balanced_share=1.0, cue=True)
+        assert torch.equal(batch["input_ids"], plain["input_ids"]) and torch.equal(batch["labels"], plain["labels"])
+        n_obj = max(len(s.objects) for s in pool.scenes)
+        tok = processor.tokenizer
+        for b, i in enumerate(idx):
+            own = pool.covers[i]
+            subsets = [c for r in range(1, len(own) + 1) for c in itertools.combinations(range(len(own)), r)]
+            for key in ("mention", "referent"):
+                marks, before = batch[key][b], plain[key][b]
+                single = before >= 0
+                assert torch.equal(marks[single], before[single])  # one-object marks are unchanged
+                grouped = (marks >= n_obj).nonzero().squeeze(1)
+                assert (before[grouped] == -1).all()
+                for t in grouped.tolist():
+                    row = batch["covers"][b, marks[t]]
+                    match = [g for g in subsets if torch.allclose(row, own[list(g)].mean(0), atol=1e-5)]
+                    assert len(match) == 1  # the mean coverage of one set of the scene's objects
+                    word = tok.decode([int(batch["input_ids"][b, t])]).strip()
+                    if word in numbers:  # a count's own token (not the cue before it)
+                        assert len(match[0]) == numbers[word]
+                        counted += 1
+                    rows += 1
+    assert rows > 10 and counted > 0

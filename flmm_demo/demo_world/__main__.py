@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cue-attention", action="store_true",
                    help="the attention loss also supervises each answer's last prompt token, toward the "
                         "object of the answer's first word (the token that predicts a one-word answer)")
+    p.add_argument("--cue-groups", action="store_true",
+                   help="short answers about several objects (counts, 'is there a ...?') are supervised toward "
+                        "those objects' mean coverage (with --cue-attention, so is the token before them)")
     p.add_argument("--tune-vision", action="store_true",
                    help="with --init: first tune the vision tower on patch labels for --vision-share of the budget")
     p.add_argument("--probe-share", type=float, default=0.0,
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             context=args.context,
             wide_share=args.wide_share, short_qa=args.short_qa, vcot_share=args.vcot_share,
             balanced_share=args.balanced_share, answer_only=args.answer_only,
-            cue_attention=args.cue_attention, threads=args.threads))
+            cue_attention=args.cue_attention, cue_groups=args.cue_groups, threads=args.threads))
     elif args.command == "train-sam":
         from flmm_demo.demo_world.sam import train as train_sam
 

@@ -166,14 +166,17 @@ def make_pool(seed: int, n: int, processor: LlavaProcessor, grid: int, held_out:
 
 def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str | list[S.Segment]]],
                           n_image_tokens: int, answer_loss: bool = True,
-                          cue: bool = False) -> tuple[list[int], list[int], list[int], list[int]]:
+                          cue: bool = False, groups: bool = False
+                          ) -> tuple[list[int], list[int], list[int | tuple[int, ...]], list[int | tuple[int, ...]]]:
     """Token ids of a chat as the chat template renders it (image in the first user turn);
     labels: the assistant's tokens and their </s>, -100 elsewhere (everywhere when not
     answer_loss); and, per token, the object its words mention and the object they refer
     to (-1: none). An answer is a string or a list of segments (text, mentioned, referent).
     cue: the last token of each prompt (':' of 'ASSISTANT:'), the position whose output
     predicts the answer's first word, also gets that word's object, so a one-word answer
-    ('red' to 'what colour is the circle?') is predicted where attention is on the circle."""
+    ('red' to 'what colour is the circle?') is predicted where attention is on the circle.
+    groups: a segment about several objects ('two' to 'how many squares are there?') keeps
+    its tuple of objects (chat_batch turns it into their mean coverage); otherwise it is -1."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     ids, labels, mention, referent = [tok.bos_token_id], [-100], [-1], [-1]
@@ -187,8 +190,8 @@ def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str 
         for text, m, r in segments:
             piece = tok.encode(text, add_special_tokens=False)
             answer += piece
-            ment += [-1 if m is None else m] * len(piece)
-            ref += [-1 if r is None else r] * len(piece)
+            ment += [_annotation(m, groups)] * len(piece)
+            ref += [_annotation(r, groups)] * len(piece)
         answer.append(tok.eos_token_id)
         ids += prompt + answer
         labels += [-100] * len(prompt) + (answer if answer_loss else [-100] * len(answer))
@@ -196,6 +199,12 @@ def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str 
         mention += [-1] * (len(prompt) - 1) + [last_m] + ment + [-1]
         referent += [-1] * (len(prompt) - 1) + [last_r] + ref + [-1]
     return ids, labels, mention, referent
+
+
+def _annotation(objects: int | tuple[int, ...] | None, groups: bool) -> int | tuple[int, ...]:
+    if objects is None or (isinstance(objects, tuple) and not groups):
+        return -1
+    return objects
 
 
 def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image_tokens: int) -> tuple[list[int], list[int]]:
@@ -207,7 +216,7 @@ def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
                n_image_tokens: int, max_turns: int, ground_share: float = 0.0,
                ground_turns: int = 1, short_qa: bool = False, vcot_share: float = 0.0,
-               balanced_share: float = 0.0, cue: bool = False) -> dict[str, torch.Tensor]:
+               balanced_share: float = 0.0, cue: bool = False, groups: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
     referent (B, T); covers (B, max objects, g*g); pixel_values. Each chat is, with
     probability ground_share, ground_turns grounding turns (each a description prompt
@@ -218,7 +227,9 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
     vcot_share: chats with visual chain of thought's probe and crop preamble, balanced_share:
     chats of answer-balanced short questions (see scenes.annotated_conversation); cue: the
     conversations' prompts end on a token supervised like the answer's first word
-    (encode_annotated_chat)."""
+    (encode_annotated_chat); groups: answers about several objects are supervised toward
+    their mean coverage, a row of covers after the scene's objects (mention and referent
+    index it)."""
     seqs = []
     for i in idx:
         if rng.random() < ground_share:
@@ -227,7 +238,19 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
         else:
             chat = S.annotated_conversation(pool.scenes[i], rng, max_turns, short=short_qa, vcot_share=vcot_share,
                                             balanced_share=balanced_share)
-            seqs.append(encode_annotated_chat(processor, chat, n_image_tokens, cue=cue))
+            seqs.append(encode_annotated_chat(processor, chat, n_image_tokens, cue=cue, groups=groups))
+    n_obj = max(pool.covers[i].shape[0] for i in idx)
+    # per chat: its objects' coverage, zeros up to n_obj, then its groups' mean coverage
+    rows = [list(F.pad(pool.covers[i], (0, 0, 0, n_obj - pool.covers[i].shape[0]))) for i in idx]
+    for b, (_, _, m, r) in enumerate(seqs):
+        row_of: dict[tuple[int, ...], int] = {}
+        for marks in (m, r):
+            for t, g in enumerate(marks):
+                if isinstance(g, tuple):
+                    if g not in row_of:
+                        row_of[g] = len(rows[b])
+                        rows[b].append(torch.stack([pool.covers[idx[b]][k] for k in g]).mean(0))
+                    marks[t] = row_of[g]
     T = max(len(s[0]) for s in seqs)
     pad = processor.tokenizer.pad_token_id
     ids = torch.full((len(idx), T), pad)
@@ -241,10 +264,9 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
         mention[b, :len(m)] = torch.tensor(m)
         referent[b, :len(r)] = torch.tensor(r)
         mask[b, :len(x)] = 1
-    n_obj = max(pool.covers[i].shape[0] for i in idx)
-    covers = torch.zeros(len(idx), n_obj, pool.covers[idx[0]].shape[1])
-    for b, i in enumerate(idx):
-        covers[b, :pool.covers[i].shape[0]] = pool.covers[i]
+    covers = torch.zeros(len(idx), max(len(r) for r in rows), pool.covers[idx[0]].shape[1])
+    for b, r in enumerate(rows):
+        covers[b, :len(r)] = torch.stack(r)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "mention": mention,
             "referent": referent, "covers": covers, "pixel_values": pool.pixels[idx].float()}
 
@@ -372,6 +394,10 @@ class LmmTrainConfig:
     cue_attention: the attention loss also supervises the last prompt token of each
     conversation turn, toward the object the answer's first word is about (the position
     that predicts a one-word answer; see encode_annotated_chat).
+    cue_groups: short answers about several objects (counts, 'is there a ...?', 'are
+    there any ...?') are supervised toward the mean coverage of the objects they are about
+    (with cue_attention, so is the prompt token that predicts them); without it they are
+    about no object.
     """
 
     out_dir: str | Path
@@ -398,6 +424,7 @@ class LmmTrainConfig:
     balanced_share: float = 0.0
     answer_only: bool = False
     cue_attention: bool = False
+    cue_groups: bool = False
     threads: int = 2
 
 
@@ -555,7 +582,7 @@ def train_chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, 
         batch = chat_batch(processor, pool, idx, rng, size.grid ** 2, max_turns=3, ground_share=config.ground_share,
                            ground_turns=config.ground_turns, short_qa=config.short_qa,
                            vcot_share=config.vcot_share, balanced_share=config.balanced_share,
-                           cue=config.cue_attention)
+                           cue=config.cue_attention, groups=config.cue_groups)
         logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], features[idx].float())
         labels = batch["labels"]
         if (labels[:, 1:] != -100).any():

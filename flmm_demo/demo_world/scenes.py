@@ -393,7 +393,20 @@ def _attribute_candidates(obj: SceneObject) -> list[tuple[str, Callable[[SceneOb
 # indices (into scene.objects) say which object the words name and which object the
 # expression they belong to is about: in "the triangle left of the blue square" the
 # words "the blue square" mention the square but refer to the triangle. None: no object.
-Segment = tuple[str, "int | None", "int | None"]
+# A short answer about several objects at once ('two' to 'how many squares are there?',
+# 'yes' to 'are there any squares?') names them as a tuple of indices, a group; the
+# training code supervises groups only when asked to (encode_annotated_chat's groups).
+Segment = tuple[str, "int | tuple[int, ...] | None", "int | tuple[int, ...] | None"]
+
+
+def _group(objs: list[SceneObject], keep) -> tuple[int, ...] | None:
+    """The tuple of indices of the objects that keep(obj) selects, or None when none does."""
+    idx = tuple(i for i, o in enumerate(objs) if keep(o))
+    return idx or None
+
+
+def _group_answer(text: str, group: tuple[int, ...] | None) -> list[Segment]:
+    return [(text, group, group)]
 
 
 def _referring(scene: Scene) -> list[list[tuple[str, int | None, str]]]:
@@ -582,13 +595,13 @@ def short_question_segments(scene: Scene, rng: np.random.Generator) -> list[tupl
             out.append(("shape", template.format(obj.colour), [(obj.shape, k, k)]))
     n = len(objs)
     everything = _pick(rng, ["how many shapes are there?", "how many objects are there?"])
-    out.append(("count", everything, [(NUMBERS[n], None, None)]))
+    out.append(("count", everything, _group_answer(NUMBERS[n], _group(objs, lambda o: True))))
     shape = _pick(rng, list(SHAPES))
     out.append(("count", f"how many {PLURALS[shape]} are there?",
-                [(NUMBERS[sum(o.shape == shape for o in objs)], None, None)]))
+                _group_answer(NUMBERS[sum(o.shape == shape for o in objs)], _group(objs, lambda o: o.shape == shape))))
     colour = _pick(rng, list(COLOURS))
     out.append(("count", f"how many {colour} shapes are there?",
-                [(NUMBERS[sum(o.colour == colour for o in objs)], None, None)]))
+                _group_answer(NUMBERS[sum(o.colour == colour for o in objs)], _group(objs, lambda o: o.colour == colour))))
     for i, obj in enumerate(objs):  # position
         where = _position(scene, obj)
         if refs[i] and where is not None:
@@ -599,11 +612,11 @@ def short_question_segments(scene: Scene, rng: np.random.Generator) -> list[tupl
     if rng.random() < 0.5:  # ask about a shape that is there half the time
         obj = _pick(rng, list(objs))
         colour, shape = obj.colour, obj.shape
-    present = any((o.colour, o.shape) == (colour, shape) for o in objs)
-    out.append(("yes/no", f"is there a {colour} {shape}?", [("yes" if present else "no", None, None)]))
+    there = _group(objs, lambda o: (o.colour, o.shape) == (colour, shape))
+    out.append(("yes/no", f"is there a {colour} {shape}?", _group_answer("yes" if there else "no", there)))
     shape = _pick(rng, list(SHAPES))
-    any_there = any(o.shape == shape for o in objs)
-    out.append(("yes/no", f"are there any {PLURALS[shape]}?", [("yes" if any_there else "no", None, None)]))
+    there = _group(objs, lambda o: o.shape == shape)
+    out.append(("yes/no", f"are there any {PLURALS[shape]}?", _group_answer("yes" if there else "no", there)))
     for i, obj in enumerate(objs):
         plain = [r for r in refs[i] if obj.colour not in r[0].split()]
         if plain and rng.random() < 0.5:
@@ -633,15 +646,16 @@ def _answer_pools(scene: Scene, rng: np.random.Generator) -> dict[str, dict[str,
         add(kind, question, segments)
     objs = scene.objects
     for shape in SHAPES:
-        add("count", f"how many {PLURALS[shape]} are there?", [(NUMBERS[sum(o.shape == shape for o in objs)], None, None)])
-        add("yes/no", f"are there any {PLURALS[shape]}?",
-            [("yes" if any(o.shape == shape for o in objs) else "no", None, None)])
+        these = _group(objs, lambda o: o.shape == shape)
+        add("count", f"how many {PLURALS[shape]} are there?", _group_answer(NUMBERS[len(these or ())], these))
+        add("yes/no", f"are there any {PLURALS[shape]}?", _group_answer("yes" if these else "no", these))
     for colour in COLOURS:
-        add("count", f"how many {colour} shapes are there?",
-            [(NUMBERS[sum(o.colour == colour for o in objs)], None, None)])
+        these = _group(objs, lambda o: o.colour == colour)
+        add("count", f"how many {colour} shapes are there?", _group_answer(NUMBERS[len(these or ())], these))
     there = {(o.colour, o.shape) for o in objs}
     for colour, shape in sorted(there):
-        add("yes/no", f"is there a {colour} {shape}?", [("yes", None, None)])
+        add("yes/no", f"is there a {colour} {shape}?",
+            _group_answer("yes", _group(objs, lambda o, c=colour, s=shape: (o.colour, o.shape) == (c, s))))
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in there]
     for k in rng.permutation(len(absent))[:len(there)]:
         colour, shape = absent[int(k)]
