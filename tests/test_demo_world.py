@@ -409,7 +409,7 @@ def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
         made.append(step.out)
     assert recipe.FINAL_LMM in made and recipe.FINAL_HEAD.startswith(recipe.STEPS[-1].out)
     # The head learns the attention LMM's maps. Of the rounds from there to the shipped LMM,
-    # only round 13's cue round trains attention (its effect on the head is measured in the
+    # only the cue round (rounds 13-14) trains attention (its effect on the head is measured in the
     # docs); every other one is an answer round, which keeps every map.
     lmm_rounds = [s.out for s in recipe.STEPS if s.args[0] == "train-lmm"]
     after = lmm_rounds[lmm_rounds.index(recipe.ATTENTION_LMM) + 1:]

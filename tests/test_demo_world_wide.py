@@ -397,7 +397,7 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     assert answers.init == recipe.ATTENTION_LMM and answers.answer_only and 0 < answers.balanced_share < 1
     assert answers.context == 2048 and answers.vcot_share == attention.vcot_share
     cue = parse(list(by_out[recipe.CUE_LMM].args))  # then the cue round on the same chats, and answers again
-    assert cue.init == recipe.ANSWER_LMM and cue.cue_attention and not cue.answer_only
+    assert cue.init == recipe.ANSWER_LMM and cue.cue_attention and cue.cue_groups and not cue.answer_only
     assert (cue.context, cue.vcot_share, cue.balanced_share) == (2048, answers.vcot_share, answers.balanced_share)
     final = parse(list(by_out[recipe.FINAL_LMM].args))
     assert final.init == recipe.CUE_LMM and final.answer_only

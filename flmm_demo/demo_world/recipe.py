@@ -40,10 +40,12 @@ WIDE_LMM = "runs/lmm-wide2"  # the first round on the wide world (the LMM of rou
 # visual chain of thought's probe and a 2,048-token context: the LMM the head is trained on
 ATTENTION_LMM = "runs/lmm-wide3"
 ANSWER_LMM = "runs/lmm-answer"  # round 12, an answer round on top of it (every attention map kept)
-# round 13: the prompt's last token taught to look at the object an answer is about (--cue-attention).
-# It moves the maps a little; round 9's head still fits them, as docs/demo_world_results.md measures.
-CUE_LMM = "runs/lmm-cue2"
-FINAL_LMM = "runs/lmm-cue2a"  # round 13's answer round on top of it (its maps kept): the LMM that ships
+# rounds 13-14: the prompt's last token taught to look at the object an answer is about
+# (--cue-attention), and at the objects a count or a presence question is about (--cue-groups).
+# It moves the maps a little; round 9's head still fits them, as docs/demo_world_results.md
+# measures (a head retrained on the cue round's maps did no better).
+CUE_LMM = "runs/lmm-cue3"
+FINAL_LMM = "runs/lmm-cue3a"  # round 14's answer round on top of it (its maps kept): the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -91,10 +93,11 @@ STEPS: tuple[Step, ...] = (
            "the output layer train, so every attention map stays",
            "--init", ATTENTION_LMM, *ANSWERS, "--seed", "13", "--minutes", "40"),
     _round(CUE_LMM, "the whole language model with the attention loss, on the same chats; the last token of "
-           "each prompt also attends to the object the answer's first word is about",
+           "each prompt also attends to the object the answer's first word is about, or to the objects a count "
+           "or 'is there ...?' is about",
            "--init", ANSWER_LMM, "--seed", "16", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "3e-4",
            "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
-           "--threads", "1"),
+           "--cue-groups", "--threads", "1"),
     _round(FINAL_LMM, "an answer round again, on the cue round's maps",
            "--init", CUE_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
@@ -119,7 +122,7 @@ STEPS: tuple[Step, ...] = (
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
-         "attention LMM: the answer rounds keep its maps, round 13's cue round moves them a little"),
+         "attention LMM: the answer rounds keep its maps, round 14's cue round moves them a little"),
 )
 
 def done(step: Step, root: Path) -> bool:
