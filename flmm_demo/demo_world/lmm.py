@@ -18,7 +18,8 @@ Training, in two stages:
    whose words mention the square but still refer to the triangle). The target is the
    object's share of each patch, normalised; the other heads learn freely. Optionally
    (cue_attention) the prompt's last token, whose output is the answer's first word,
-   is supervised too: for 'what colour is the circle?' it attends to the circle. This is the
+   is supervised too: for 'what colour is the circle?' it attends to the circle, and
+   (cue_groups) for 'how many squares are there?' to the squares. This is the
    demo world's stand-in for the web-scale pre-training that gives real LMMs grounded
    attention; the F-LMM head still reads all layers x heads and is trained as usual.
 """
