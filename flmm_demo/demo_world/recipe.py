@@ -56,7 +56,7 @@ HEAD_RUN = "runs/demo-shapes-head-wide3"
 FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
 
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
-# The chats of rounds 12 and 13: 60% wide pool, short answers, the probe, half answer-balanced.
+# The chats of rounds 12-14: 60% wide pool, short answers, the probe, half answer-balanced.
 BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share",
                   "0.15", "--balanced-share", "0.5")
 # The answer round: no grounding turns or attention loss (attention cannot move).

@@ -405,8 +405,16 @@ def _group(objs: list[SceneObject], keep) -> tuple[int, ...] | None:
     return idx or None
 
 
-def _group_answer(text: str, group: tuple[int, ...] | None) -> list[Segment]:
-    return [(text, group, group)]
+def _count_answer(objs: list[SceneObject], keep) -> list[Segment]:
+    """'how many ...?' answered with the number of objects keep(obj) selects, about them."""
+    group = _group(objs, keep)
+    return [(NUMBERS[len(group or ())], group, group)]
+
+
+def _presence_answer(objs: list[SceneObject], keep) -> list[Segment]:
+    """'is there ...?' answered 'yes' about the objects keep(obj) selects, or 'no' about none."""
+    group = _group(objs, keep)
+    return [("yes" if group else "no", group, group)]
 
 
 def _referring(scene: Scene) -> list[list[tuple[str, int | None, str]]]:
@@ -593,15 +601,12 @@ def short_question_segments(scene: Scene, rng: np.random.Generator) -> list[tupl
             template = _pick(rng, ["what shape is the {} one?", "what shape is the {} object?",
                                    "what is the {} shape?"])
             out.append(("shape", template.format(obj.colour), [(obj.shape, k, k)]))
-    n = len(objs)
     everything = _pick(rng, ["how many shapes are there?", "how many objects are there?"])
-    out.append(("count", everything, _group_answer(NUMBERS[n], _group(objs, lambda o: True))))
+    out.append(("count", everything, _count_answer(objs, lambda o: True)))
     shape = _pick(rng, list(SHAPES))
-    out.append(("count", f"how many {PLURALS[shape]} are there?",
-                _group_answer(NUMBERS[sum(o.shape == shape for o in objs)], _group(objs, lambda o: o.shape == shape))))
+    out.append(("count", f"how many {PLURALS[shape]} are there?", _count_answer(objs, lambda o: o.shape == shape)))
     colour = _pick(rng, list(COLOURS))
-    out.append(("count", f"how many {colour} shapes are there?",
-                _group_answer(NUMBERS[sum(o.colour == colour for o in objs)], _group(objs, lambda o: o.colour == colour))))
+    out.append(("count", f"how many {colour} shapes are there?", _count_answer(objs, lambda o: o.colour == colour)))
     for i, obj in enumerate(objs):  # position
         where = _position(scene, obj)
         if refs[i] and where is not None:
@@ -612,11 +617,10 @@ def short_question_segments(scene: Scene, rng: np.random.Generator) -> list[tupl
     if rng.random() < 0.5:  # ask about a shape that is there half the time
         obj = _pick(rng, list(objs))
         colour, shape = obj.colour, obj.shape
-    there = _group(objs, lambda o: (o.colour, o.shape) == (colour, shape))
-    out.append(("yes/no", f"is there a {colour} {shape}?", _group_answer("yes" if there else "no", there)))
+    out.append(("yes/no", f"is there a {colour} {shape}?",
+                _presence_answer(objs, lambda o: (o.colour, o.shape) == (colour, shape))))
     shape = _pick(rng, list(SHAPES))
-    there = _group(objs, lambda o: o.shape == shape)
-    out.append(("yes/no", f"are there any {PLURALS[shape]}?", _group_answer("yes" if there else "no", there)))
+    out.append(("yes/no", f"are there any {PLURALS[shape]}?", _presence_answer(objs, lambda o: o.shape == shape)))
     for i, obj in enumerate(objs):
         plain = [r for r in refs[i] if obj.colour not in r[0].split()]
         if plain and rng.random() < 0.5:
@@ -646,16 +650,14 @@ def _answer_pools(scene: Scene, rng: np.random.Generator) -> dict[str, dict[str,
         add(kind, question, segments)
     objs = scene.objects
     for shape in SHAPES:
-        these = _group(objs, lambda o: o.shape == shape)
-        add("count", f"how many {PLURALS[shape]} are there?", _group_answer(NUMBERS[len(these or ())], these))
-        add("yes/no", f"are there any {PLURALS[shape]}?", _group_answer("yes" if these else "no", these))
+        add("count", f"how many {PLURALS[shape]} are there?", _count_answer(objs, lambda o: o.shape == shape))
+        add("yes/no", f"are there any {PLURALS[shape]}?", _presence_answer(objs, lambda o: o.shape == shape))
     for colour in COLOURS:
-        these = _group(objs, lambda o: o.colour == colour)
-        add("count", f"how many {colour} shapes are there?", _group_answer(NUMBERS[len(these or ())], these))
+        add("count", f"how many {colour} shapes are there?", _count_answer(objs, lambda o: o.colour == colour))
     there = {(o.colour, o.shape) for o in objs}
     for colour, shape in sorted(there):
         add("yes/no", f"is there a {colour} {shape}?",
-            _group_answer("yes", _group(objs, lambda o, c=colour, s=shape: (o.colour, o.shape) == (c, s))))
+            _presence_answer(objs, lambda o: (o.colour, o.shape) == (colour, shape)))
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in there]
     for k in rng.permutation(len(absent))[:len(there)]:
         colour, shape = absent[int(k)]
