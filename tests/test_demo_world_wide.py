@@ -526,7 +526,7 @@ def test_cue_supervises_the_token_that_predicts_each_one_word_answer():
 
 
 def test_groups_supervise_counts_and_presence_toward_the_objects_they_are_about():
-    from flmm_demo.demo_world.lmm import chat_batch, encode_annotated_chat, make_pool
+    from flmm_demo.demo_world.lmm import chat_batch, make_pool
     from flmm_demo.demo_world.tokenizer import build_processor
 
     # The annotations: a count's group holds as many objects as its answer says, 'yes' to
@@ -553,7 +553,9 @@ def test_groups_supervise_counts_and_presence_toward_the_objects_they_are_about(
     # The batch: a group token indexes a row of covers after the scene's objects that is
     # the mean of its objects' coverage; without groups the same tokens are about nothing.
     processor = build_processor(image_size=64, patch_size=8)
+    tok = processor.tokenizer
     pool = make_pool(23, 6, processor, grid=8, wide_share=0.5)
+    n_obj = max(len(s.objects) for s in pool.scenes)
     rows = counted = 0
     for seed in range(4):
         idx = list(range(6))
@@ -562,8 +564,6 @@ def test_groups_supervise_counts_and_presence_toward_the_objects_they_are_about(
         plain = chat_batch(processor, pool, idx, np.random.default_rng(seed), 64, max_turns=3, short_qa=True,
                            balanced_share=1.0, cue=True)
         assert torch.equal(batch["input_ids"], plain["input_ids"]) and torch.equal(batch["labels"], plain["labels"])
-        n_obj = max(len(s.objects) for s in pool.scenes)
-        tok = processor.tokenizer
         for b, i in enumerate(idx):
             own = pool.covers[i]
             subsets = [c for r in range(1, len(own) + 1) for c in itertools.combinations(range(len(own)), r)]
