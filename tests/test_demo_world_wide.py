@@ -530,9 +530,11 @@ def test_groups_supervise_counts_and_presence_toward_the_objects_they_are_about(
     from flmm_demo.demo_world.tokenizer import build_processor
 
     # The annotations: a count's group holds as many objects as its answer says, 'yes' to
-    # 'is there a ...?' / 'are there any ...?' groups the objects that make it true, 'no' none.
+    # 'is there a ...?' / 'are there any ...?' groups the objects that make it true, 'no' the
+    # objects it was checked against (a NearGroup): those sharing the colour or the shape
+    # asked about, or all of them when none does.
     numbers = {word: n for n, word in enumerate(S.NUMBERS)}
-    checked = {"count": 0, "yes": 0, "no": 0}
+    checked = {"count": 0, "yes": 0, "no": 0, "partial": 0}
     for scene in S.scene_stream(43, 20, wide=True):
         objs = scene.objects
         for kind, question, segments in S.short_question_segments(scene, np.random.default_rng(scene.seed)):
@@ -544,27 +546,51 @@ def test_groups_supervise_counts_and_presence_toward_the_objects_they_are_about(
                 checked["count"] += 1
             elif question.startswith(("is there a ", "are there any ")):
                 words = question[:-1].split()
-                assert (answer == "yes") == (mentioned is not None) and mentioned == referred
-                for i in mentioned or ():
-                    assert objs[i].shape in words[-1] and (words[2] == "any" or objs[i].colour == words[3])
+                colour = None if words[2] == "any" else words[3]
+                assert mentioned == referred and (answer == "no") == isinstance(mentioned, S.NearGroup)
+                if answer == "yes":
+                    assert all(objs[i].shape in words[-1] and colour in (None, objs[i].colour) for i in mentioned)
+                else:
+                    partial = tuple(i for i, o in enumerate(objs) if colour and colour == o.colour
+                                    or colour and words[-1] == o.shape)
+                    assert tuple(mentioned) == (partial or tuple(range(len(objs)))), (question, segments)
+                    checked["partial"] += bool(partial)
                 checked[answer] += 1
     assert min(checked.values()) >= 5, checked
 
     # The batch: a group token indexes a row of covers after the scene's objects that is
-    # the mean of its objects' coverage; without groups the same tokens are about nothing.
+    # the mean of its objects' coverage; without groups the same tokens are about nothing,
+    # and without near the 'no' answers (and the cue before them) are about nothing.
     processor = build_processor(image_size=64, patch_size=8)
     tok = processor.tokenizer
     pool = make_pool(23, 6, processor, grid=8, wide_share=0.5)
     n_obj = max(len(s.objects) for s in pool.scenes)
-    rows = counted = 0
+    no_id = tok.convert_tokens_to_ids(tok.tokenize("no"))[0]
+    rows = counted = negatives = 0
     for seed in range(4):
         idx = list(range(6))
         batch = chat_batch(processor, pool, idx, np.random.default_rng(seed), 64, max_turns=3, short_qa=True,
                            balanced_share=1.0, cue=True, groups=True)
         plain = chat_batch(processor, pool, idx, np.random.default_rng(seed), 64, max_turns=3, short_qa=True,
                            balanced_share=1.0, cue=True)
-        assert torch.equal(batch["input_ids"], plain["input_ids"]) and torch.equal(batch["labels"], plain["labels"])
+        near = chat_batch(processor, pool, idx, np.random.default_rng(seed), 64, max_turns=3, short_qa=True,
+                          balanced_share=1.0, cue=True, groups=True, near=True)
+        for other in (plain, near):
+            assert torch.equal(batch["input_ids"], other["input_ids"]) and torch.equal(batch["labels"], other["labels"])
         for b, i in enumerate(idx):
+            for key in ("mention", "referent"):
+                marks, before = near[key][b], batch[key][b]
+                kept = before >= 0
+                assert torch.equal(marks[kept], before[kept])  # near only adds marks
+                added = ((marks >= 0) & ~kept).nonzero().squeeze(1).tolist()
+                for t in added:  # the 'no' of a presence question, or the cue token just before it
+                    word = int(near["input_ids"][b, t + (near["input_ids"][b, t] != no_id)])
+                    assert word == no_id and marks[t] >= n_obj
+                    row = near["covers"][b, marks[t]]
+                    assert any(torch.allclose(row, pool.covers[i][list(g)].mean(0), atol=1e-5)
+                               for r in range(1, len(pool.covers[i]) + 1)
+                               for g in itertools.combinations(range(len(pool.covers[i])), r))
+                    negatives += 1
             own = pool.covers[i]
             subsets = [c for r in range(1, len(own) + 1) for c in itertools.combinations(range(len(own)), r)]
             for key in ("mention", "referent"):
@@ -582,4 +608,4 @@ def test_groups_supervise_counts_and_presence_toward_the_objects_they_are_about(
                         assert len(match[0]) == numbers[word]
                         counted += 1
                     rows += 1
-    assert rows > 10 and counted > 0
+    assert rows > 10 and counted > 0 and negatives > 0

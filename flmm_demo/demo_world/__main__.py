@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cue-groups", action="store_true",
                    help="short answers about several objects (counts, 'is there a ...?') are supervised toward "
                         "those objects' mean coverage (with --cue-attention, so is the token before them)")
+    p.add_argument("--cue-near", action="store_true",
+                   help="with --cue-groups, a 'no' to 'is there a red circle?' is supervised toward the objects "
+                        "it was checked against (the red ones and the circles; every object when none matches)")
     p.add_argument("--tune-vision", action="store_true",
                    help="with --init: first tune the vision tower on patch labels for --vision-share of the budget")
     p.add_argument("--probe-share", type=float, default=0.0,
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             context=args.context,
             wide_share=args.wide_share, short_qa=args.short_qa, vcot_share=args.vcot_share,
             balanced_share=args.balanced_share, answer_only=args.answer_only,
-            cue_attention=args.cue_attention, cue_groups=args.cue_groups, threads=args.threads))
+            cue_attention=args.cue_attention, cue_groups=args.cue_groups, cue_near=args.cue_near, threads=args.threads))
     elif args.command == "train-sam":
         from flmm_demo.demo_world.sam import train as train_sam
 

@@ -19,7 +19,8 @@ Training, in two stages:
    object's share of each patch, normalised; the other heads learn freely. Optionally
    (cue_attention) the prompt's last token, whose output is the answer's first word,
    is supervised too: for 'what colour is the circle?' it attends to the circle, and
-   (cue_groups) for 'how many squares are there?' to the squares. This is the
+   (cue_groups) for 'how many squares are there?' to the squares, and (cue_near) for
+   'no' to 'is there a red circle?' to the red objects and the circles. This is the
    demo world's stand-in for the web-scale pre-training that gives real LMMs grounded
    attention; the F-LMM head still reads all layers x heads and is trained as usual.
 """
@@ -167,7 +168,7 @@ def make_pool(seed: int, n: int, processor: LlavaProcessor, grid: int, held_out:
 
 def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str | list[S.Segment]]],
                           n_image_tokens: int, answer_loss: bool = True,
-                          cue: bool = False, groups: bool = False
+                          cue: bool = False, groups: bool = False, near: bool = False
                           ) -> tuple[list[int], list[int], list[int | tuple[int, ...]], list[int | tuple[int, ...]]]:
     """Token ids of a chat as the chat template renders it (image in the first user turn);
     labels: the assistant's tokens and their </s>, -100 elsewhere (everywhere when not
@@ -177,7 +178,9 @@ def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str 
     predicts the answer's first word, also gets that word's object, so a one-word answer
     ('red' to 'what colour is the circle?') is predicted where attention is on the circle.
     groups: a segment about several objects ('two' to 'how many squares are there?') keeps
-    its tuple of objects (chat_batch turns it into their mean coverage); otherwise it is -1."""
+    its tuple of objects (chat_batch turns it into their mean coverage); otherwise it is -1.
+    near (with groups): so does a 'no' about the objects it was checked against
+    (scenes.NearGroup); otherwise it is -1."""
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     ids, labels, mention, referent = [tok.bos_token_id], [-100], [-1], [-1]
@@ -191,8 +194,8 @@ def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str 
         for text, m, r in segments:
             piece = tok.encode(text, add_special_tokens=False)
             answer += piece
-            ment += [_annotation(m, groups)] * len(piece)
-            ref += [_annotation(r, groups)] * len(piece)
+            ment += [_annotation(m, groups, near)] * len(piece)
+            ref += [_annotation(r, groups, near)] * len(piece)
         answer.append(tok.eos_token_id)
         ids += prompt + answer
         labels += [-100] * len(prompt) + (answer if answer_loss else [-100] * len(answer))
@@ -202,9 +205,11 @@ def encode_annotated_chat(processor: LlavaProcessor, turns: list[tuple[str, str 
     return ids, labels, mention, referent
 
 
-def _annotation(objects: int | tuple[int, ...] | None, groups: bool) -> int | tuple[int, ...]:
+def _annotation(objects: int | tuple[int, ...] | None, groups: bool, near: bool) -> int | tuple[int, ...]:
     if objects is None or (isinstance(objects, tuple) and not groups):
         return -1
+    if isinstance(objects, S.NearGroup):
+        return tuple(objects) if near else -1
     return objects
 
 
@@ -217,7 +222,8 @@ def encode_chat(processor: LlavaProcessor, turns: list[tuple[str, str]], n_image
 def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: np.random.Generator,
                n_image_tokens: int, max_turns: int, ground_share: float = 0.0,
                ground_turns: int = 1, short_qa: bool = False, vcot_share: float = 0.0,
-               balanced_share: float = 0.0, cue: bool = False, groups: bool = False) -> dict[str, torch.Tensor]:
+               balanced_share: float = 0.0, cue: bool = False, groups: bool = False,
+               near: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded teacher-forcing batch: input_ids, attention_mask, labels, mention,
     referent (B, T); covers (B, max objects, g*g); pixel_values. Each chat is, with
     probability ground_share, ground_turns grounding turns (each a description prompt
@@ -230,7 +236,7 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
     conversations' prompts end on a token supervised like the answer's first word
     (encode_annotated_chat); groups: answers about several objects are supervised toward
     their mean coverage, a row of covers after the scene's objects (mention and referent
-    index it)."""
+    index it); near: so are the 'no' answers, toward the objects they were checked against."""
     seqs = []
     for i in idx:
         if rng.random() < ground_share:
@@ -239,7 +245,7 @@ def chat_batch(processor: LlavaProcessor, pool: ScenePool, idx: list[int], rng: 
         else:
             chat = S.annotated_conversation(pool.scenes[i], rng, max_turns, short=short_qa, vcot_share=vcot_share,
                                             balanced_share=balanced_share)
-            seqs.append(encode_annotated_chat(processor, chat, n_image_tokens, cue=cue, groups=groups))
+            seqs.append(encode_annotated_chat(processor, chat, n_image_tokens, cue=cue, groups=groups, near=near))
     n_obj = max(pool.covers[i].shape[0] for i in idx)
     # per chat: its objects' coverage, zeros up to n_obj, then its groups' mean coverage
     rows = [list(F.pad(pool.covers[i], (0, 0, 0, n_obj - pool.covers[i].shape[0]))) for i in idx]
@@ -399,6 +405,10 @@ class LmmTrainConfig:
     there any ...?') are supervised toward the mean coverage of the objects they are about
     (with cue_attention, so is the prompt token that predicts them); without it they are
     about no object.
+    cue_near (with cue_groups): a 'no' to 'is there a red circle?' or 'are there any
+    squares?' is supervised toward the objects it was checked against, the red objects and
+    the circles (every object when none matches in part), so the answer is predicted
+    while looking at what makes it false; without it a 'no' is about no object.
     """
 
     out_dir: str | Path
@@ -426,6 +436,7 @@ class LmmTrainConfig:
     answer_only: bool = False
     cue_attention: bool = False
     cue_groups: bool = False
+    cue_near: bool = False
     threads: int = 2
 
 
@@ -583,7 +594,8 @@ def train_chat(model: LlavaForConditionalGeneration, processor: LlavaProcessor, 
         batch = chat_batch(processor, pool, idx, rng, size.grid ** 2, max_turns=3, ground_share=config.ground_share,
                            ground_turns=config.ground_turns, short_qa=config.short_qa,
                            vcot_share=config.vcot_share, balanced_share=config.balanced_share,
-                           cue=config.cue_attention, groups=config.cue_groups)
+                           cue=config.cue_attention, groups=config.cue_groups,
+                           near=config.cue_near)
         logits, attentions = _chat_logits(model, batch["input_ids"], batch["attention_mask"], features[idx].float())
         labels = batch["labels"]
         if (labels[:, 1:] != -100).any():

@@ -396,7 +396,14 @@ def _attribute_candidates(obj: SceneObject) -> list[tuple[str, Callable[[SceneOb
 # A short answer about several objects at once ('two' to 'how many squares are there?',
 # 'yes' to 'are there any squares?') names them as a tuple of indices, a group; the
 # training code supervises groups only when asked to (encode_annotated_chat's groups).
+# A 'no' to 'is there a red circle?' is about the objects the question was checked
+# against, a NearGroup: those that match it in part (the red ones and the circles), or
+# every object when none does; supervised only when asked to (encode_annotated_chat's near).
 Segment = tuple[str, "int | tuple[int, ...] | None", "int | tuple[int, ...] | None"]
+
+
+class NearGroup(tuple):
+    """The objects a negative answer was checked against (a tuple of indices)."""
 
 
 def _group(objs: list[SceneObject], keep) -> tuple[int, ...] | None:
@@ -411,10 +418,20 @@ def _count_answer(objs: list[SceneObject], keep) -> list[Segment]:
     return [(NUMBERS[len(group or ())], group, group)]
 
 
-def _presence_answer(objs: list[SceneObject], keep) -> list[Segment]:
-    """'is there ...?' answered 'yes' about the objects keep(obj) selects, or 'no' about none."""
+def _presence_answer(objs: list[SceneObject], keep, near=lambda o: False) -> list[Segment]:
+    """'is there ...?' answered 'yes' about the objects keep(obj) selects, or 'no' about a
+    NearGroup: the objects near(obj) selects (a partial match), or all of them if none."""
     group = _group(objs, keep)
-    return [("yes" if group else "no", group, group)]
+    if group:
+        return [("yes", group, group)]
+    checked = NearGroup(_group(objs, near) or range(len(objs)))
+    return [("no", checked, checked)]
+
+
+def _is_there(objs: list[SceneObject], colour: str, shape: str) -> list[Segment]:
+    """'is there a red circle?': yes about the red circles, or no about the red objects and the circles."""
+    return _presence_answer(objs, lambda o: (o.colour, o.shape) == (colour, shape),
+                            near=lambda o: o.colour == colour or o.shape == shape)
 
 
 def _referring(scene: Scene) -> list[list[tuple[str, int | None, str]]]:
@@ -617,8 +634,7 @@ def short_question_segments(scene: Scene, rng: np.random.Generator) -> list[tupl
     if rng.random() < 0.5:  # ask about a shape that is there half the time
         obj = _pick(rng, list(objs))
         colour, shape = obj.colour, obj.shape
-    out.append(("yes/no", f"is there a {colour} {shape}?",
-                _presence_answer(objs, lambda o: (o.colour, o.shape) == (colour, shape))))
+    out.append(("yes/no", f"is there a {colour} {shape}?", _is_there(objs, colour, shape)))
     shape = _pick(rng, list(SHAPES))
     out.append(("yes/no", f"are there any {PLURALS[shape]}?", _presence_answer(objs, lambda o: o.shape == shape)))
     for i, obj in enumerate(objs):
@@ -656,12 +672,11 @@ def _answer_pools(scene: Scene, rng: np.random.Generator) -> dict[str, dict[str,
         add("count", f"how many {colour} shapes are there?", _count_answer(objs, lambda o: o.colour == colour))
     there = {(o.colour, o.shape) for o in objs}
     for colour, shape in sorted(there):
-        add("yes/no", f"is there a {colour} {shape}?",
-            _presence_answer(objs, lambda o: (o.colour, o.shape) == (colour, shape)))
+        add("yes/no", f"is there a {colour} {shape}?", _is_there(objs, colour, shape))
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in there]
     for k in rng.permutation(len(absent))[:len(there)]:
         colour, shape = absent[int(k)]
-        add("yes/no", f"is there a {colour} {shape}?", [("no", None, None)])
+        add("yes/no", f"is there a {colour} {shape}?", _is_there(objs, colour, shape))
     return pools
 
 
