@@ -399,8 +399,12 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     cue = parse(list(by_out[recipe.CUE_LMM].args))  # then the cue round on the same chats, and answers again
     assert cue.init == recipe.ANSWER_LMM and cue.cue_attention and cue.cue_groups and not cue.answer_only
     assert (cue.context, cue.vcot_share, cue.balanced_share) == (2048, answers.vcot_share, answers.balanced_share)
+    near = parse(list(by_out[recipe.NEAR_LMM].args))  # a second cue round with the 'no' answers cued too
+    assert near.init == recipe.CUE_LMM and near.cue_near and not cue.cue_near and near.seed != cue.seed
+    assert {k: v for k, v in vars(near).items() if k not in {"out", "init", "seed", "cue_near"}} == {
+        k: v for k, v in vars(cue).items() if k not in {"out", "init", "seed", "cue_near"}}
     final = parse(list(by_out[recipe.FINAL_LMM].args))
-    assert final.init == recipe.CUE_LMM and final.answer_only
+    assert final.init == recipe.NEAR_LMM and final.answer_only
     same = {"out", "init", "seed"}  # the two answer rounds differ in nothing else
     assert {k: v for k, v in vars(final).items() if k not in same} == {
         k: v for k, v in vars(answers).items() if k not in same}

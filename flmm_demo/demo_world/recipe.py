@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 11.5 hours on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 12 hours on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -45,7 +45,10 @@ ANSWER_LMM = "runs/lmm-answer"  # round 12, an answer round on top of it (every 
 # It moves the maps a little; round 9's head still fits them, as docs/demo_world_results.md
 # measures (a head retrained on the cue round's maps did no better).
 CUE_LMM = "runs/lmm-cue3"
-FINAL_LMM = "runs/lmm-cue3a"  # round 14's answer round on top of it (its maps kept): the LMM that ships
+# round 15: a second cue round on top, where a 'no' to 'is there a ...?' also looks at the
+# objects it was checked against (--cue-near)
+NEAR_LMM = "runs/lmm-cue4b"
+FINAL_LMM = "runs/lmm-cue4ba"  # round 15's answer round on top of it (its maps kept): the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -56,7 +59,7 @@ HEAD_RUN = "runs/demo-shapes-head-wide3"
 FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
 
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
-# The chats of rounds 12-14: 60% wide pool, short answers, the probe, half answer-balanced.
+# The chats of rounds 12-15: 60% wide pool, short answers, the probe, half answer-balanced.
 BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share",
                   "0.15", "--balanced-share", "0.5")
 # The answer round: no grounding turns or attention loss (attention cannot move).
@@ -98,8 +101,13 @@ STEPS: tuple[Step, ...] = (
            "--init", ANSWER_LMM, "--seed", "16", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "3e-4",
            "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
            "--cue-groups", "--threads", "1"),
-    _round(FINAL_LMM, "an answer round again, on the cue round's maps",
-           "--init", CUE_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
+    _round(NEAR_LMM, "a second cue round on new chats; a 'no' to 'is there a red circle?' also looks at the "
+           "objects it was checked against (the red ones and the circles)",
+           "--init", CUE_LMM, "--seed", "18", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "3e-4",
+           "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
+           "--cue-groups", "--cue-near", "--threads", "1"),
+    _round(FINAL_LMM, "an answer round again, on the cue rounds' maps",
+           "--init", NEAR_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0", "--wide-train", "1000"),
          HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
@@ -122,7 +130,7 @@ STEPS: tuple[Step, ...] = (
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
-         "attention LMM: the answer rounds keep its maps, round 14's cue round moves them a little"),
+         "attention LMM: the answer rounds keep its maps, the cue rounds (13-15) move them a little"),
 )
 
 def done(step: Step, root: Path) -> bool:
