@@ -613,3 +613,15 @@ def test_groups_supervise_counts_and_presence_toward_the_objects_they_are_about(
                         counted += 1
                     rows += 1
     assert rows > 10 and counted > 0 and negatives > 0
+
+
+def test_cue_near_without_cue_groups_is_refused_with_a_message(tmp_path, capsys):
+    from flmm_demo.demo_world.__main__ import main
+    from flmm_demo.demo_world.lmm import LmmTrainConfig
+
+    with pytest.raises(ValueError, match="cue_groups"):
+        LmmTrainConfig(tmp_path / "lmm", cue_near=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-lmm", "--out", str(tmp_path / "lmm"), "--tiny", "--cue-attention", "--cue-near"])
+    assert exit_info.value.code == 2 and "cue_groups" in capsys.readouterr().err
+    assert not (tmp_path / "lmm").exists()  # refused before anything was built

@@ -115,20 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "train-lmm":
         from flmm_demo.demo_world.lmm import LmmTrainConfig, train
 
-        train(LmmTrainConfig(
-            args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
-            vision_share=args.vision_share, low_res_share=args.low_res_share, vision_lr=args.vision_lr,
-            tune_vision=args.tune_vision, probe_share=args.probe_share, attention_weight=args.attention_weight,
-            ground_share=args.ground_share,
-            ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr, rope_theta=args.rope_theta,
-            context=args.context,
-            wide_share=args.wide_share, short_qa=args.short_qa, vcot_share=args.vcot_share,
-            balanced_share=args.balanced_share, answer_only=args.answer_only,
-            cue_attention=args.cue_attention, cue_groups=args.cue_groups, cue_near=args.cue_near, threads=args.threads))
+        try:
+            config = LmmTrainConfig(
+                args.out, seed=args.seed, minutes=args.minutes, tiny=args.tiny, n_scenes=args.scenes,
+                vision_share=args.vision_share, low_res_share=args.low_res_share, vision_lr=args.vision_lr,
+                tune_vision=args.tune_vision, probe_share=args.probe_share, attention_weight=args.attention_weight,
+                ground_share=args.ground_share,
+                ground_turns=args.ground_turns, init=args.init, chat_lr=args.chat_lr, rope_theta=args.rope_theta,
+                context=args.context,
+                wide_share=args.wide_share, short_qa=args.short_qa, vcot_share=args.vcot_share,
+                balanced_share=args.balanced_share, answer_only=args.answer_only,
+                cue_attention=args.cue_attention, cue_groups=args.cue_groups, cue_near=args.cue_near,
+                threads=args.threads)
+        except ValueError as e:  # flags that do not go together
+            parser.error(str(e))
+        train(config)
     elif args.command == "train-sam":
         from flmm_demo.demo_world.sam import train as train_sam
 

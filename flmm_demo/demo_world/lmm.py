@@ -439,6 +439,10 @@ class LmmTrainConfig:
     cue_near: bool = False
     threads: int = 2
 
+    def __post_init__(self):
+        if self.cue_near and not self.cue_groups:
+            raise ValueError("cue_near marks each 'no' with a group of objects: it needs cue_groups too")
+
 
 def train(config: LmmTrainConfig, log=print) -> dict[str, float]:
     """Train the tiny LLaVA (see LmmTrainConfig) and save it (fp16 safetensors + processor)
