@@ -625,3 +625,43 @@ def test_cue_near_without_cue_groups_is_refused_with_a_message(tmp_path, capsys)
         main(["train-lmm", "--out", str(tmp_path / "lmm"), "--tiny", "--cue-attention", "--cue-near"])
     assert exit_info.value.code == 2 and "cue_groups" in capsys.readouterr().err
     assert not (tmp_path / "lmm").exists()  # refused before anything was built
+
+
+def test_hallucination_breakdown_tells_a_misread_shape_from_a_misread_colour(tiny_demo_lmm, monkeypatch, capsys):
+    """benchmarks/hallucinations.py: a true description has no hallucinated phrase; a phrase
+    whose shape is swapped for one its colour lacks is a shape misread of that object, one
+    whose colour is swapped for one no object has is a colour misread."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from hallucinations import Breakdown, look, main
+
+    scene = next(s for s in S.scene_stream(5010, 40, wide=True)
+                 if len({o.colour for o in s.objects}) == len(s.objects) >= 2)
+    obj = scene.objects[0]
+    truth = S.describe(scene)
+    result = Breakdown()
+    result.add(truth, scene)
+    n = len(scene.objects)
+    assert result.kinds == {"right": n} and sum(result.by_background[scene.background]) == n
+
+    other_shape = next(s for s in S.SHAPES if s != obj.shape)
+    absent_colour = next(c for c in S.COLOURS if c not in {o.colour for o in scene.objects})
+    shapes_there = {o.shape for o in scene.objects}
+    result = Breakdown()
+    result.add(f"a {obj.colour} {other_shape}.", scene)  # the first object's colour, another shape
+    assert result.kinds == {"shape misread": 1}
+    assert result.shapes == {(obj.shape, other_shape): 1} and result.looks == {(look(obj), obj.size): 1}
+    result.add(f"a {absent_colour} {obj.shape}.", scene)  # a shape that is there, in a colour that is not
+    assert result.kinds == {"shape misread": 1, "colour misread": 1}
+    absent_shape = next((s for s in S.SHAPES if s not in shapes_there), None)
+    if absent_shape:
+        result.add(f"a {absent_colour} {absent_shape}.", scene)
+        assert result.kinds["neither there"] == 1
+    assert result.by_background[scene.background][1] == result.by_background[scene.background][0] == (
+        3 if absent_shape else 2)
+    table = result.table()
+    assert "| shape misread | 1 |" in table and f"| {obj.shape} | {other_shape} | 1 |" in table
+
+    lmm, _ = tiny_demo_lmm
+    main(["--model", str(lmm), "--scenes", "2"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("Descriptions of 2 wide scenes (seed 5010)") and "| background |" in printed
