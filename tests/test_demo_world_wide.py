@@ -665,3 +665,29 @@ def test_hallucination_breakdown_tells_a_misread_shape_from_a_misread_colour(tin
     main(["--model", str(lmm), "--scenes", "2"])
     printed = capsys.readouterr().out
     assert printed.startswith("Descriptions of 2 wide scenes (seed 5010)") and "| background |" in printed
+
+
+def test_tower_probe_reads_colour_from_object_features_and_reports_every_factor(tiny_demo_lmm, monkeypatch, capsys):
+    """benchmarks/tower_probe.py: one feature per visible object, labelled with its shape
+    and colour; a linear probe reads colour (a near-linear function of the pixels) from even
+    the tiny tower far above chance; the table has a row per value of every factor."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from tower_probe import FACTORS, object_features, probe_accuracy
+
+    from flmm_demo.demo_world.lmm import load
+
+    model, processor = load(tiny_demo_lmm[0])
+    scenes = list(S.scene_stream(7000, 6, wide=True))
+    feats, shapes, colours, rows = object_features(model, processor, scenes)
+    visible = [(s, o) for s in scenes for o in s.objects if o.mask.any()]
+    assert feats.shape == (len(visible), model.config.vision_config.hidden_size) and len(rows) == len(visible)
+    assert shapes.tolist() == [S.SHAPES.index(o.shape) for _, o in visible]
+    assert colours.tolist() == [list(S.COLOURS).index(o.colour) for _, o in visible]
+    assert rows[0]["drawn"] == ("filled" if visible[0][1].filled else "outlined")
+
+    result = probe_accuracy(list(S.scene_stream(7000, 60)), list(S.scene_stream(8000, 20)), model, processor,
+                            steps=300)
+    assert result["colour"]["all"] > 2 / len(S.COLOURS), result["colour"]["all"]
+    for name in ("shape", "colour"):
+        assert set(result[name]) == {"all", "n", *FACTORS}
+        assert sum(n for _, n in result[name]["size"].values()) == result[name]["n"]
