@@ -3,8 +3,8 @@
 Each object of a scene becomes one vector: the tower's patch features (the layer LLaVA
 reads) averaged with the object's share of each patch as weights. A linear classifier of
 shape, and one of colour, is fitted on the objects of some scenes and tested on the
-objects of others, with the accuracy per factor of the variation set (filled or outlined,
-turned, size, background). Where the probe reads a shape well and the LMM still names the
+objects of others, with the accuracy per row of the variation set's factors
+(`eval_demo_world.variation_factors`: outline, rotation bin, size, background, shape count). Where the probe reads a shape well and the LMM still names the
 wrong one, the language side is what fails; where the probe cannot read it either, the
 information is not in the tower, and no language round can bring it back.
 
@@ -28,13 +28,9 @@ from flmm_demo.demo_world import DEFAULT_LMM_DIR, scene_stream  # noqa: E402
 from flmm_demo.demo_world import scenes as S  # noqa: E402
 from flmm_demo.demo_world.lmm import _vision_features, coverage, load  # noqa: E402
 
-FACTORS = ("drawn", "turn", "size", "background")
+from eval_demo_world import variation_factors  # noqa: E402  (the variation set's rows, shared)
 
-
-def factors(scene: S.Scene, obj: S.SceneObject) -> dict[str, str]:
-    turn = "circle" if obj.shape == "circle" else "turned > 15 deg" if obj.rotation_degrees > 15 else "upright"
-    return {"drawn": "filled" if obj.filled else "outlined", "turn": turn, "size": obj.size,
-            "background": scene.background}
+FACTORS = ("drawn", "rotation", "target size", "background", "shapes in the scene")
 
 
 @torch.no_grad()
@@ -54,7 +50,7 @@ def object_features(model, processor, scenes: list[S.Scene], batch_size: int = 3
                 feats.append((cover[:, None] * patches).sum(0) / cover.sum())
                 shapes.append(S.SHAPES.index(obj.shape))
                 colours.append(list(S.COLOURS).index(obj.colour))
-                rows.append(factors(scene, obj))
+                rows.append(variation_factors(scene, obj))
     return torch.stack(feats), torch.tensor(shapes), torch.tensor(colours), rows
 
 

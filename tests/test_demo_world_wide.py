@@ -690,4 +690,4 @@ def test_tower_probe_reads_colour_from_object_features_and_reports_every_factor(
     assert result["colour"]["all"] > 2 / len(S.COLOURS), result["colour"]["all"]
     for name in ("shape", "colour"):
         assert set(result[name]) == {"all", "n", *FACTORS}
-        assert sum(n for _, n in result[name]["size"].values()) == result[name]["n"]
+        assert sum(n for _, n in result[name]["target size"].values()) == result[name]["n"]
