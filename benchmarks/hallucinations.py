@@ -33,14 +33,19 @@ from flmm_demo.demo_world import DEFAULT_LMM_DIR, scene_stream  # noqa: E402
 from flmm_demo.demo_world import scenes as S  # noqa: E402
 from flmm_demo.demo_world.lmm import _NAMED, DESCRIBE, answer, load  # noqa: E402
 
+from eval_demo_world import variation_factors  # noqa: E402  (the variation set's rows, shared)
+
 KINDS = ("right", "shape misread", "colour misread", "neither there")
 
 
-def look(obj: S.SceneObject) -> str:
-    """How an object is drawn, as the variation set's factors split it."""
-    if not obj.filled:
+def look(scene: S.Scene, obj: S.SceneObject) -> str:
+    """How an object is drawn, one label from the variation set's 'drawn' and 'rotation'
+    rows (eval_demo_world.variation_factors): outlined, else turned more than 15 degrees,
+    else filled and upright (or a circle)."""
+    rows = variation_factors(scene, obj)
+    if rows["drawn"] == "outlined":
         return "outlined"
-    return "turned > 15 deg" if obj.rotation_degrees > 15 else "filled, upright (or a circle)"
+    return "turned > 15 deg" if rows["rotation"] in ("15-30 deg", "30-60 deg") else "filled, upright (or a circle)"
 
 
 @dataclass
@@ -69,7 +74,7 @@ class Breakdown:
             unnamed = [o for o in same_colour if (o.colour, o.shape) not in named]
             for obj in unnamed or same_colour:
                 self.shapes[(obj.shape, shape)] += 1
-                self.looks[(look(obj), obj.size)] += 1
+                self.looks[(look(scene, obj), obj.size)] += 1
 
     def table(self) -> str:
         named = sum(self.kinds.values())

@@ -649,7 +649,7 @@ def test_hallucination_breakdown_tells_a_misread_shape_from_a_misread_colour(tin
     result = Breakdown()
     result.add(f"a {obj.colour} {other_shape}.", scene)  # the first object's colour, another shape
     assert result.kinds == {"shape misread": 1}
-    assert result.shapes == {(obj.shape, other_shape): 1} and result.looks == {(look(obj), obj.size): 1}
+    assert result.shapes == {(obj.shape, other_shape): 1} and result.looks == {(look(scene, obj), obj.size): 1}
     result.add(f"a {absent_colour} {obj.shape}.", scene)  # a shape that is there, in a colour that is not
     assert result.kinds == {"shape misread": 1, "colour misread": 1}
     absent_shape = next((s for s in S.SHAPES if s not in shapes_there), None)
@@ -691,3 +691,55 @@ def test_tower_probe_reads_colour_from_object_features_and_reports_every_factor(
     for name in ("shape", "colour"):
         assert set(result[name]) == {"all", "n", *FACTORS}
         assert sum(n for _, n in result[name]["target size"].values()) == result[name]["n"]
+
+
+def test_object_heads_read_each_object_from_its_own_patches():
+    """ObjectHeads pools each object's patches by its coverage and labels the result with
+    that object's shape, colour and size: on features that carry the label of the patch's
+    owner (one-hot), linear heads learn to read every object of wide scenes, tiny and
+    covered ones included."""
+    from flmm_demo.demo_world.lmm import ObjectHeads, make_pool
+    from flmm_demo.demo_world.tokenizer import build_processor
+
+    grid = 24  # the demo LMM's: 192 px in patches of 8
+    pool = make_pool(31, 24, build_processor(192, 8), grid, wide_share=1.0)
+    labels = pool.patch_labels.flatten(2)  # (N, 4, g*g): colour, shape, size, rank (0 = background)
+    sizes = (len(S.COLOURS) + 1, len(S.SHAPES) + 1, len(S.SIZES) + 1)
+    feats = torch.cat([torch.nn.functional.one_hot(labels[:, k], n) for k, n in enumerate(sizes)], -1).float()
+    torch.manual_seed(0)
+    heads = ObjectHeads(feats.shape[-1])
+    optimizer = torch.optim.Adam(heads.parameters(), lr=0.1)
+    idx = list(range(len(pool.scenes)))
+    for _ in range(150):
+        loss, accs = heads(feats, [pool.covers[i] for i in idx], [pool.scenes[i] for i in idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert set(accs) == {"object shape", "object colour", "object size"}
+    # only an object that owns no patch of its own can be misread (its mean is its neighbours')
+    owners = [{int(r) for r in labels[i, 3].unique()} - {0} for i in idx]
+    seen = sum(int(c.sum(1).gt(0).sum()) for c in pool.covers)
+    owning = sum(len(o) for o in owners)
+    assert owning / seen > 0.6  # a quarter of the wide objects own no patch: under half of one, or covered
+    for name, acc in accs.items():
+        assert acc >= 0.95 * owning / seen, (name, acc)
+
+
+def test_a_tower_round_moves_the_tower_only(tiny_demo_lmm, tmp_path):
+    """--vision-share 1 with --init --tune-vision: the whole budget tunes the tower (with
+    the object heads when asked) and the language side is saved exactly as it was; a vision
+    share of 1 from scratch, or beyond 1, is refused."""
+    from flmm_demo.demo_world.lmm import LmmTrainConfig, load, train
+
+    lmm, _ = tiny_demo_lmm
+    lines = []
+    stats = train(LmmTrainConfig(tmp_path / "tower", seed=2, tiny=True, init=lmm, tune_vision=True, vision_share=1.0,
+                                 object_weight=1.0, vision_lr=1e-2), log=lines.append)
+    assert "chat_loss" not in stats and stats["vision_loss"] > 0
+    assert any("object shape" in line for line in lines)
+    old, new = load(lmm)[0].state_dict(), load(tmp_path / "tower")[0].state_dict()
+    moved = {k for k in old if not torch.equal(old[k], new[k])}
+    assert moved and all(k.startswith("model.vision_tower.") for k in moved), sorted(moved)
+    for bad in (dict(vision_share=1.0), dict(init=lmm, tune_vision=True, vision_share=1.5)):
+        with pytest.raises(ValueError, match="vision share"):
+            LmmTrainConfig(tmp_path / "refused", **bad)

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget of the whole run")
     p.add_argument("--scenes", type=int, default=3000, help="size of the pool of training scenes")
     p.add_argument("--vision-share", type=float, default=0.3,
-                   help="fraction of the budget spent pre-training the vision tower on patch labels")
+                   help="fraction of the budget spent pre-training the vision tower on patch labels "
+                        "(1, with --init --tune-vision: only the tower is tuned, no chat stage)")
     p.add_argument("--low-res-share", type=float, default=0.0,
                    help="fraction of the vision pre-training done on images of 2/3 the size (cheaper steps)")
     p.add_argument("--attention-weight", type=float, default=1.0,
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --tune-vision: share of the vision stage that trains only the fresh patch heads "
                         "on the frozen tower (a linear probe) before the tower is tuned")
     p.add_argument("--vision-lr", type=float, default=2e-3, help="peak learning rate of the vision stage")
+    p.add_argument("--object-weight", type=float, default=0.0,
+                   help="in the vision stage, also this weight x the loss of linear heads reading each object's "
+                        "shape, colour and size from its mean feature (0: per-patch labels only)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true", help="CI-sized model and a few steps (< 2 min)")
 
@@ -131,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
                 wide_share=args.wide_share, short_qa=args.short_qa, vcot_share=args.vcot_share,
                 balanced_share=args.balanced_share, answer_only=args.answer_only,
                 cue_attention=args.cue_attention, cue_groups=args.cue_groups, cue_near=args.cue_near,
-                threads=args.threads)
+                object_weight=args.object_weight, threads=args.threads)
         except ValueError as e:  # flags that do not go together
             parser.error(str(e))
         train(config)

@@ -303,6 +303,38 @@ class PatchHeads(torch.nn.Module):
         return loss, accs
 
 
+class ObjectHeads(torch.nn.Module):
+    """Linear classifiers of whole objects, used only to tune the vision tower: each
+    object's coverage-weighted mean patch feature (what benchmarks/tower_probe.py probes)
+    is classified by shape, colour and size. Per-patch labels leave a small, turned or
+    outlined object's shape to the one or two patches it covers, mixed with background;
+    this loss asks that the object as a whole be readable."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        classes = (len(S.SHAPES), len(S.COLOURS), len(S.SIZES))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, c) for c in classes)
+
+    def forward(self, feats: torch.Tensor, covers: list[torch.Tensor],
+                scenes: list[S.Scene]) -> tuple[torch.Tensor, dict[str, float]]:
+        """feats: (B, g*g, D); covers[b]: (objects, g*g), rows summing to 1 (0 for an object
+        that covers no patch, which is left out). Returns the summed cross-entropy and
+        each head's accuracy over the batch's objects."""
+        pooled, labels = [], []
+        for f, cover, scene in zip(feats, covers, scenes):
+            seen = cover.sum(1) > 0
+            pooled.append(cover[seen] @ f)
+            labels += [(S.SHAPES.index(o.shape), list(S.COLOURS).index(o.colour), list(S.SIZES).index(o.size))
+                       for o, s in zip(scene.objects, seen.tolist()) if s]
+        x, y = torch.cat(pooled), torch.tensor(labels)
+        loss, accs = feats.new_zeros(()), {}
+        for k, (name, head) in enumerate(zip(("object shape", "object colour", "object size"), self.heads)):
+            logits = head(x)
+            loss = loss + F.cross_entropy(logits, y[:, k])
+            accs[name] = (logits.argmax(-1) == y[:, k]).float().mean().item()
+        return loss, accs
+
+
 def _vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
     """(B, g*g, D) the vision tower's features of the layer LLaVA reads, CLS dropped. Pixels
     smaller than the tower's image size use its position embeddings resized to their grid."""
@@ -386,7 +418,13 @@ class LmmTrainConfig:
     for a new seed): the whole budget is chat, unless tune_vision, which first tunes the
     tower on patch labels for vision_share of it at vision_lr (new scenes may look new to it);
     its first probe_share trains only the fresh patch heads on the frozen tower, so the
-    tower is not moved by heads that are still at chance.
+    tower is not moved by heads that are still at chance. vision_share 1 (with init and
+    tune_vision) spends the whole budget on the tower and skips the chat stage: a tower
+    round, to check with benchmarks/tower_probe.py before a chat round adapts the language
+    model to it.
+    object_weight: in the vision stage, add object_weight x the loss of linear heads that
+    read each object's shape, colour and size from its coverage-weighted mean feature
+    (ObjectHeads), besides the per-patch labels.
     rope_theta: a new RoPE base for the language model (see set_rope_theta).
     context: a new context length in tokens (see set_context).
     wide_share: share of the pool drawn from the wide world (scenes.make_wide_scene).
@@ -437,11 +475,22 @@ class LmmTrainConfig:
     cue_attention: bool = False
     cue_groups: bool = False
     cue_near: bool = False
+    object_weight: float = 0.0
     threads: int = 2
 
     def __post_init__(self):
         if self.cue_near and not self.cue_groups:
             raise ValueError("cue_near marks each 'no' with a group of objects: it needs cue_groups too")
+        if not 0.0 <= self.vision_share <= 1.0:
+            raise ValueError(f"the vision share is a fraction of the budget, 0 to 1, not {self.vision_share}")
+        if self.tower_only and (self.init is None or not self.tune_vision):
+            raise ValueError("a vision share of 1 leaves no time to chat: it only tunes the tower of a saved "
+                             "model (with init and tune_vision)")
+
+    @property
+    def tower_only(self) -> bool:
+        """The whole budget tunes the tower; the language side is saved as it was."""
+        return self.vision_share >= 1.0
 
 
 def train(config: LmmTrainConfig, log=print) -> dict[str, float]:
@@ -460,9 +509,10 @@ def train(config: LmmTrainConfig, log=print) -> dict[str, float]:
     if config.init is None or config.tune_vision:
         low = _low_res_copy(pool, size, log) if config.low_res_share > 0 and config.init is None else None
         stats.update(train_vision(model, pool, low, size, config, rng, config.vision_share * budget, log))
-    features = cache_vision_features(model, pool)
-    log(f"cached vision features {tuple(features.shape)} ({time.time() - t0:.0f}s)")
-    stats.update(train_chat(model, processor, pool, features, size, config, rng, t0 + budget, log))
+    if not config.tower_only:
+        features = cache_vision_features(model, pool)
+        log(f"cached vision features {tuple(features.shape)} ({time.time() - t0:.0f}s)")
+        stats.update(train_chat(model, processor, pool, features, size, config, rng, t0 + budget, log))
     stats["minutes"] = (time.time() - t0) / 60
     model.requires_grad_(True)
     save(model, processor, config.out_dir)
@@ -524,6 +574,8 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool,
     """Stage 1: the vision tower learns per-patch labels for `seconds` (first on the
     low-resolution copy, when there is one, for config.low_res_share of the time)."""
     heads = PatchHeads(size.vision_hidden)
+    if config.object_weight > 0:
+        heads.objects = ObjectHeads(size.vision_hidden)
     max_steps = 6 if config.tiny else 1_000_000
     probe = config.probe_share * seconds if config.init is not None else 0.0
     # A tower that is already trained: fit fresh heads to it first (linear probe); the
@@ -552,6 +604,10 @@ def _vision_phase(model: LlavaForConditionalGeneration, heads: PatchHeads, pool:
         with torch.set_grad_enabled(tower):
             feats = _vision_features(model, pixels[idx].float())
         loss, accs = heads(feats, labels[idx])
+        if config.object_weight > 0 and not in_low:  # the covers are those of the full-size grid
+            object_loss, object_accs = heads.objects(feats, [pool.covers[i] for i in idx],
+                                                     [pool.scenes[i] for i in idx])
+            loss, accs = loss + config.object_weight * object_loss, {**accs, **object_accs}
         schedule.set(step, max(step / max_steps, (time.time() - start) / seconds))
         optimizer.zero_grad()
         loss.backward()
