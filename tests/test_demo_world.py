@@ -409,14 +409,16 @@ def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
         made.append(step.out)
     assert recipe.FINAL_LMM in made and recipe.FINAL_HEAD.startswith(recipe.STEPS[-1].out)
     # The head learns the attention LMM's maps. Of the rounds from there to the shipped LMM,
-    # only the cue rounds (rounds 13-15) train attention (their effect on the head is measured in the
-    # docs); every other one is an answer round, which keeps every map.
+    # only the cue rounds (rounds 13-16) and round 16's tower round change what the maps are
+    # made of (their effect on the head is measured in the docs); every other one is an
+    # answer round, which keeps every map.
     lmm_rounds = [s.out for s in recipe.STEPS if s.args[0] == "train-lmm"]
     after = lmm_rounds[lmm_rounds.index(recipe.ATTENTION_LMM) + 1:]
     assert after and after[-1] == recipe.FINAL_LMM
     rounds = {s.out: demo_parser.parse_args(list(s.args)) for s in recipe.STEPS if s.out in after}
-    assert [out for out, a in rounds.items() if not a.answer_only] == [recipe.CUE_LMM, recipe.NEAR_LMM]
-    assert all(rounds[out].cue_attention and rounds[out].attention_weight > 0 for out in (recipe.CUE_LMM, recipe.NEAR_LMM))
+    cues = (recipe.CUE_LMM, recipe.NEAR_LMM, recipe.TOWER_CUE_LMM)
+    assert [out for out, a in rounds.items() if not a.answer_only] == [*cues[:2], recipe.TOWER_LMM, cues[2]]
+    assert all(rounds[out].cue_attention and rounds[out].attention_weight > 0 for out in cues)
 
     rebuild(dry_run=True, root="/nonexistent")  # prints every command, runs none
     printed = capsys.readouterr().out

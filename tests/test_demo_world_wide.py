@@ -403,11 +403,23 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     assert near.init == recipe.CUE_LMM and near.cue_near and not cue.cue_near and near.seed != cue.seed
     assert {k: v for k, v in vars(near).items() if k not in {"out", "init", "seed", "cue_near"}} == {
         k: v for k, v in vars(cue).items() if k not in {"out", "init", "seed", "cue_near"}}
-    final = parse(list(by_out[recipe.FINAL_LMM].args))
-    assert final.init == recipe.NEAR_LMM and final.answer_only
+    near_answers = parse(list(by_out[recipe.NEAR_ANSWER_LMM].args))
+    assert near_answers.init == recipe.NEAR_LMM and near_answers.answer_only
     same = {"out", "init", "seed"}  # the two answer rounds differ in nothing else
-    assert {k: v for k, v in vars(final).items() if k not in same} == {
+    assert {k: v for k, v in vars(near_answers).items() if k not in same} == {
         k: v for k, v in vars(answers).items() if k not in same}
+    # round 16: the tower alone (the language side kept), then a cue round and an answer round on it
+    tower = parse(list(by_out[recipe.TOWER_LMM].args))
+    assert tower.init == recipe.NEAR_ANSWER_LMM and tower.tune_vision and tower.vision_share == 1
+    assert tower.object_weight > 0 and 0 < tower.probe_share < 1
+    tower_cue = parse(list(by_out[recipe.TOWER_CUE_LMM].args))
+    assert tower_cue.init == recipe.TOWER_LMM and tower_cue.seed not in (cue.seed, near.seed)
+    assert {k: v for k, v in vars(tower_cue).items() if k not in {"out", "init", "seed", "chat_lr"}} == {
+        k: v for k, v in vars(near).items() if k not in {"out", "init", "seed", "chat_lr"}}
+    final = parse(list(by_out[recipe.FINAL_LMM].args))
+    assert final.init == recipe.TOWER_CUE_LMM and final.answer_only
+    assert {k: v for k, v in vars(final).items() if k not in same | {"minutes"}} == {
+        k: v for k, v in vars(answers).items() if k not in same | {"minutes"}}
     assert parse(list(by_out[recipe.HEAD_DATA].args)).wide_train == 1000
     sam = parse(list(by_out[recipe.SAM_RUN].args))
     assert sam.wide and str(sam.init).startswith(recipe.WIDE_SAM + "/")

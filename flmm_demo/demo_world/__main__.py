@@ -1,6 +1,6 @@
 """Commands of the demo world.
 
-    python -m flmm_demo.demo_world rebuild [--dry-run]     # the shipped weights, every step (about 9 h)
+    python -m flmm_demo.demo_world rebuild [--dry-run]     # the shipped weights, every step (about 14 h)
     python -m flmm_demo.demo_world train-lmm --out runs/lmm-base --seed 0 --minutes 50 --vision-share 0.4 --low-res-share 0.6
     python -m flmm_demo.demo_world train-lmm --init runs/lmm-base --out runs/lmm-ground --minutes 25 --ground-share 0.5 --chat-lr 5e-4
     python -m flmm_demo.demo_world train-sam --out runs/sam-tiny --seed 11 --minutes 25

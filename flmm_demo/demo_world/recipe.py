@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 12 hours on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 13 h 45 min on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -48,7 +48,12 @@ CUE_LMM = "runs/lmm-cue3"
 # round 15: a second cue round on top, where a 'no' to 'is there a ...?' also looks at the
 # objects it was checked against (--cue-near)
 NEAR_LMM = "runs/lmm-cue4b"
-FINAL_LMM = "runs/lmm-cue4ba"  # round 15's answer round on top of it (its maps kept): the LMM that ships
+NEAR_ANSWER_LMM = "runs/lmm-cue4ba"  # round 15's answer round on top of it (its maps kept)
+# round 16: a tower round (the tower alone, also taught to read each whole object: --object-weight),
+# then a cue round and an answer round that fit the language model to the new features
+TOWER_LMM = "runs/lmm-tower"
+TOWER_CUE_LMM = "runs/lmm-tower-cue"
+FINAL_LMM = "runs/lmm-tower-ans"  # the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -106,8 +111,20 @@ STEPS: tuple[Step, ...] = (
            "--init", CUE_LMM, "--seed", "18", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "3e-4",
            "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
            "--cue-groups", "--cue-near", "--threads", "1"),
-    _round(FINAL_LMM, "an answer round again, on the cue rounds' maps",
+    _round(NEAR_ANSWER_LMM, "an answer round again, on the cue rounds' maps",
            "--init", NEAR_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
+    _round(TOWER_LMM, "the tower alone on a pool of 80% wide scenes: per-patch labels, and linear heads that read "
+           "each object's shape, colour and size from its mean feature (small ones own no patch)",
+           "--init", NEAR_ANSWER_LMM, "--seed", "20", "--minutes", "30", "--scenes", "3000", "--wide-share", "0.8",
+           "--tune-vision", "--vision-share", "1", "--probe-share", "0.1", "--vision-lr", "1e-3",
+           "--object-weight", "2", "--threads", "1"),
+    _round(TOWER_CUE_LMM, "the cue round's chats again (with --cue-near), the whole language model fitting the "
+           "new tower's features",
+           "--init", TOWER_LMM, "--seed", "22", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "5e-4",
+           "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
+           "--cue-groups", "--cue-near", "--threads", "1"),
+    _round(FINAL_LMM, "an answer round on top of it",
+           "--init", TOWER_CUE_LMM, *ANSWERS, "--seed", "24", "--minutes", "35"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0", "--wide-train", "1000"),
          HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
@@ -130,7 +147,8 @@ STEPS: tuple[Step, ...] = (
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
-         "attention LMM: the answer rounds keep its maps, the cue rounds (13-15) move them a little"),
+         "attention LMM: the answer rounds keep its maps, the cue rounds (13-16) move them a little, round 16's "
+         "tower changes the features they are made of (docs/demo_world_results.md measures the head on them)"),
 )
 
 def done(step: Step, root: Path) -> bool:
