@@ -67,6 +67,9 @@ GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", 
 # The chats of rounds 12-15: 60% wide pool, short answers, the probe, half answer-balanced.
 BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share",
                   "0.15", "--balanced-share", "0.5")
+# The cue rounds (13-16): grounding turns, the attention loss x3, and the cue on the token
+# before each answer, toward the object or objects it is about.
+CUES = ("--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention", "--cue-groups")
 # The answer round: no grounding turns or attention loss (attention cannot move).
 ANSWERS = (*BALANCED_CHATS, "--answer-only", "--chat-lr", "1e-3", "--ground-share", "0",
            "--attention-weight", "0", "--threads", "1")
@@ -104,13 +107,11 @@ STEPS: tuple[Step, ...] = (
            "each prompt also attends to the object the answer's first word is about, or to the objects a count "
            "or 'is there ...?' is about",
            "--init", ANSWER_LMM, "--seed", "16", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "3e-4",
-           "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
-           "--cue-groups", "--threads", "1"),
+           *CUES, "--threads", "1"),
     _round(NEAR_LMM, "a second cue round on new chats; a 'no' to 'is there a red circle?' also looks at the "
            "objects it was checked against (the red ones and the circles)",
            "--init", CUE_LMM, "--seed", "18", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "3e-4",
-           "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
-           "--cue-groups", "--cue-near", "--threads", "1"),
+           *CUES, "--cue-near", "--threads", "1"),
     _round(NEAR_ANSWER_LMM, "an answer round again, on the cue rounds' maps",
            "--init", NEAR_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
     _round(TOWER_LMM, "the tower alone on a pool of 80% wide scenes: per-patch labels, and linear heads that read "
@@ -121,8 +122,7 @@ STEPS: tuple[Step, ...] = (
     _round(TOWER_CUE_LMM, "the cue round's chats again (with --cue-near), the whole language model fitting the "
            "new tower's features",
            "--init", TOWER_LMM, "--seed", "22", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "5e-4",
-           "--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention",
-           "--cue-groups", "--cue-near", "--threads", "1"),
+           *CUES, "--cue-near", "--threads", "1"),
     _round(FINAL_LMM, "an answer round on top of it",
            "--init", TOWER_CUE_LMM, *ANSWERS, "--seed", "24", "--minutes", "35"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
