@@ -402,16 +402,17 @@ def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
         else:
             assert step.args[0] == "train"
             args = head_parser.parse_args(list(step.args[1:]))
-            assert args.model == recipe.ATTENTION_LMM and str(args.data) in made and str(args.out) == step.out
+            # The head learns the maps of the LMM that ships, made by an earlier step.
+            assert args.model == recipe.FINAL_LMM and recipe.FINAL_LMM in made
+            assert str(args.data) in made and str(args.out) == step.out
             # The refiner is trained on the demo world's SAM, made by an earlier step.
             assert str(args.sam) == recipe.FINAL_SAM and args.sam_variant == "vit_tiny"
             assert any(recipe.FINAL_SAM.startswith(out + "/") for out in made)
         made.append(step.out)
     assert recipe.FINAL_LMM in made and recipe.FINAL_HEAD.startswith(recipe.STEPS[-1].out)
-    # The head learns the attention LMM's maps. Of the rounds from there to the shipped LMM,
-    # only the cue rounds (rounds 13-16) and round 16's tower round change what the maps are
-    # made of (their effect on the head is measured in the docs); every other one is an
-    # answer round, which keeps every map.
+    # From the attention LMM (round 9) to the shipped one, only the cue rounds (rounds 13-16) and
+    # round 16's tower round change what the maps are made of; every other one is an answer
+    # round, which keeps every map.
     lmm_rounds = [s.out for s in recipe.STEPS if s.args[0] == "train-lmm"]
     after = lmm_rounds[lmm_rounds.index(recipe.ATTENTION_LMM) + 1:]
     assert after and after[-1] == recipe.FINAL_LMM

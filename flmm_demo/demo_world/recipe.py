@@ -37,12 +37,12 @@ def _round(out: str, why: str, *args: str) -> Step:
 
 CLASSIC_LMM = "runs/lmm-rope2"  # the last round of the classic world (the LMM of releases before issue 15)
 WIDE_LMM = "runs/lmm-wide2"  # the first round on the wide world (the LMM of round 8)
-# visual chain of thought's probe and a 2,048-token context: the LMM the head is trained on
+# visual chain of thought's probe and a 2,048-token context (round 9's head was trained on it)
 ATTENTION_LMM = "runs/lmm-wide3"
 ANSWER_LMM = "runs/lmm-answer"  # round 12, an answer round on top of it (every attention map kept)
 # rounds 13-14: the prompt's last token taught to look at the object an answer is about
 # (--cue-attention), and at the objects a count or a presence question is about (--cue-groups).
-# It moves the maps a little; round 9's head still fits them, as docs/demo_world_results.md
+# It moves the maps a little; round 9's head still fitted them, as docs/demo_world_results.md
 # measures (a head retrained on the cue round's maps did no better).
 CUE_LMM = "runs/lmm-cue3"
 # round 15: a second cue round on top, where a 'no' to 'is there a ...?' also looks at the
@@ -60,7 +60,7 @@ CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
 WIDE_SAM = "runs/sam-wide2"  # the second round on the wide world (the SAM of round 8)
 SAM_RUN = "runs/sam-wide3"  # the last round on the wide world: the SAM that ships
 FINAL_SAM = f"{SAM_RUN}/sam_vit_tiny.safetensors"  # where `train-sam` saves it
-HEAD_RUN = "runs/demo-shapes-head-wide3"
+HEAD_RUN = "runs/demo-shapes-head-tower"  # round 17: the head re-trained on the shipped LMM's maps
 FINAL_HEAD = f"{HEAD_RUN}/head"  # where `train` saves the head
 
 GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", "3")
@@ -142,13 +142,12 @@ STEPS: tuple[Step, ...] = (
     Step("flmm_demo.demo_world", ("train-sam", "--init", f"{WIDE_SAM}/sam_vit_tiny.safetensors", "--out",
                                   SAM_RUN, "--seed", "15", "--minutes", "50", "--lr", "1e-4", "--wide"),
          SAM_RUN, "a third round on the wide world, lower again"),
-    Step("flmm_demo", ("train", "--model", ATTENTION_LMM, "--data", HEAD_DATA,
+    Step("flmm_demo", ("train", "--model", FINAL_LMM, "--data", HEAD_DATA,
                        "--out", HEAD_RUN, "--sam", FINAL_SAM, "--sam-variant", "vit_tiny",
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
-         "attention LMM: the answer rounds keep its maps, the cue rounds (13-16) move them a little, round 16's "
-         "tower changes the features they are made of (docs/demo_world_results.md measures the head on them)"),
+         "maps of the LMM that ships (round 16's tower changed the features they are made of)"),
 )
 
 def done(step: Step, root: Path) -> bool:
