@@ -755,3 +755,34 @@ def test_a_tower_round_moves_the_tower_only(tiny_demo_lmm, tmp_path):
     for bad in (dict(vision_share=1.0), dict(init=lmm, tune_vision=True, vision_share=1.5)):
         with pytest.raises(ValueError, match="vision share"):
             LmmTrainConfig(tmp_path / "refused", **bad)
+
+
+def test_mask_errors_split_each_mask_between_its_object_the_background_and_the_others(tiny_demo_lmm, capsys,
+                                                                                      monkeypatch):
+    """benchmarks/mask_errors.py: a mask is scored by its IoU with the named object and by
+    the shares of its area on no object and on the other objects."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from mask_errors import main, mask_split
+
+    scene = next(s for s in S.scene_stream(5000, 20, wide=True) if len(s.objects) >= 2)
+    target, other = scene.objects[0].mask, scene.objects[1].mask
+    background = ~np.any([o.mask for o in scene.objects], axis=0)
+    assert mask_split(target, scene, 0) == (1.0, 0.0, 0.0)
+    assert mask_split(other, scene, 0) == (0.0, 0.0, 1.0)
+    assert mask_split(background, scene, 0) == (0.0, 1.0, 0.0)
+    assert mask_split(np.zeros_like(target), scene, 0) == (0.0, 0.0, 0.0)
+    iou, on_background, on_other = mask_split(target | other, scene, 0)
+    share = other.sum() / (target.sum() + other.sum())
+    assert iou == pytest.approx(target.sum() / (target.sum() + other.sum()))
+    assert on_background == 0.0 and on_other == pytest.approx(share)
+
+    lmm, _ = tiny_demo_lmm
+    main(["--model", str(lmm), "--head", "", "--scenes", "2", "--threads", "1"])
+    printed = capsys.readouterr().out
+    scenes = list(S.scene_stream(5000, 2, wide=True))
+    n = sum(len(e) for s in scenes for e in S.referring_expressions(s))
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| all | all |")]
+    assert len(rows) == 1 and rows[0][2] == "training-free" and rows[0][-1] == f"{n} |"
+    iou, on_background, on_other = (float(x) for x in rows[0][3:6])
+    assert 0 <= iou <= 1 and 0 <= on_background + on_other <= 1 + 1e-9
+    assert "| background |" in printed and "| drawn |" in printed
