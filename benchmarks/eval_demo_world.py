@@ -209,20 +209,27 @@ def variation_factors(scene: Scene, obj: SceneObject) -> dict[str, str]:
             "drawn": "filled" if obj.filled else "outlined"}
 
 
+def variation_masks(grounder: Grounder, scenes: list[Scene], modes: tuple[tuple[str, bool], ...]):
+    """The mask of every expression of every object of the scenes, in each mode: yields
+    (scene, object index, its rows {"all": "all", factor: value}, (mode, refine), mask)."""
+    for scene in scenes:
+        session = grounder.new_session(scene.pil())
+        for index, (obj, expressions) in enumerate(zip(scene.objects, referring_expressions(scene))):
+            rows = {"all": "all", **variation_factors(scene, obj)}
+            for expression in expressions:
+                for mode, refine in modes:
+                    yield scene, index, rows, (mode, refine), session.ground_expression(
+                        expression, mode=mode, refine=refine).mask
+
+
 def variation_segmentation(grounder: Grounder, scenes: list[Scene],
                            modes: tuple[tuple[str, bool], ...]) -> dict[str, dict[str, dict[str, SegmentationScores]]]:
     """Per row label: {"all": {"all": scores}, factor: {value: scores}} over every
     expression of every object of the scenes."""
     accumulators: dict = {LABELS[m]: defaultdict(lambda: defaultdict(lambda: IoUAccumulator(PROTOCOL))) for m in modes}
-    for scene in scenes:
-        session = grounder.new_session(scene.pil())
-        for obj, expressions in zip(scene.objects, referring_expressions(scene)):
-            rows = {"all": "all", **variation_factors(scene, obj)}
-            for expression in expressions:
-                for mode, refine in modes:
-                    mask = session.ground_expression(expression, mode=mode, refine=refine).mask
-                    for factor, value in rows.items():
-                        accumulators[LABELS[mode, refine]][factor][value].add(mask, obj.mask)
+    for scene, index, rows, mode, mask in variation_masks(grounder, scenes, modes):
+        for factor, value in rows.items():
+            accumulators[LABELS[mode]][factor][value].add(mask, scene.objects[index].mask)
     return {label: {factor: {value: acc.scores() for value, acc in sorted(values.items())}
                     for factor, values in factors.items()} for label, factors in accumulators.items()}
 

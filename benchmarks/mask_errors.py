@@ -4,7 +4,8 @@ For every expression of every object of the variation set's scenes (the scenes o
 `eval_demo_world.py --variation-scenes`, seed + 4000), the mask of each grounding mode is
 split three ways: its IoU with the named object, the share of its area on the background
 (no shape there) and the share on the other shapes. Rows follow the variation set's
-factors (`eval_demo_world.variation_factors`). A miss onto another shape is a grounding
+factors (`eval_demo_world.variation_factors`; the masks come from `variation_masks`, as the
+variation set's own scores do). A miss onto another shape is a grounding
 error (the attention picked the wrong object); a miss onto the background is a mask that
 spreads past its object (the attention, or the head reading it, leaks off the shape).
 An outlined shape's mask is its outline, so a filled mask on it counts its inside as background.
@@ -25,10 +26,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from flmm_demo.demo_world import DEFAULT_LMM_DIR, scene_stream  # noqa: E402
-from flmm_demo.demo_world.scenes import Scene, referring_expressions  # noqa: E402
+from flmm_demo.demo_world.scenes import Scene  # noqa: E402
 
 from eval_demo_world import (DEFAULT_HEAD, FACTORS, LABELS, VARIATION_OFFSET, build_grounder,  # noqa: E402
-                             variation_factors)
+                             variation_masks)
 
 
 def mask_split(mask: np.ndarray, scene: Scene, index: int) -> tuple[float, float, float]:
@@ -52,16 +53,10 @@ def measure(grounder, scenes: list[Scene], modes: tuple[tuple[str, bool], ...]) 
     """{row label: {factor: {value: (N, 3) array of mask_split per expression}}}, factor
     "all" included."""
     rows: dict = {LABELS[m]: defaultdict(lambda: defaultdict(list)) for m in modes}
-    for scene in scenes:
-        session = grounder.new_session(scene.pil())
-        for index, (obj, expressions) in enumerate(zip(scene.objects, referring_expressions(scene))):
-            factors = {"all": "all", **variation_factors(scene, obj)}
-            for expression in expressions:
-                for mode, refine in modes:
-                    split = mask_split(session.ground_expression(expression, mode=mode, refine=refine).mask,
-                                       scene, index)
-                    for factor, value in factors.items():
-                        rows[LABELS[mode, refine]][factor][value].append(split)
+    for scene, index, factors, mode, mask in variation_masks(grounder, scenes, modes):
+        split = mask_split(mask, scene, index)
+        for factor, value in factors.items():
+            rows[LABELS[mode]][factor][value].append(split)
     return {label: {factor: {value: np.array(splits) for value, splits in sorted(values.items())}
                     for factor, values in factors.items()} for label, factors in rows.items()}
 
