@@ -416,10 +416,21 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     assert tower_cue.init == recipe.TOWER_LMM and tower_cue.seed not in (cue.seed, near.seed)
     assert {k: v for k, v in vars(tower_cue).items() if k not in {"out", "init", "seed", "chat_lr"}} == {
         k: v for k, v in vars(near).items() if k not in {"out", "init", "seed", "chat_lr"}}
-    final = parse(list(by_out[recipe.FINAL_LMM].args))
-    assert final.init == recipe.TOWER_CUE_LMM and final.answer_only
-    assert {k: v for k, v in vars(final).items() if k not in same | {"minutes"}} == {
+    tower_answers = parse(list(by_out[recipe.HEAD_LMM].args))
+    assert tower_answers.init == recipe.TOWER_CUE_LMM and tower_answers.answer_only
+    assert {k: v for k, v in vars(tower_answers).items() if k not in same | {"minutes"}} == {
         k: v for k, v in vars(answers).items() if k not in same | {"minutes"}}
+    # round 18: the same three rounds again on top of round 16's, on new seeds
+    again = {"out", "init", "seed", "minutes"}
+    for first, second in ((recipe.TOWER_LMM, recipe.TOWER2_LMM), (recipe.TOWER_CUE_LMM, recipe.TOWER2_CUE_LMM),
+                          (recipe.HEAD_LMM, recipe.FINAL_LMM)):
+        a, b = parse(list(by_out[first].args)), parse(list(by_out[second].args))
+        assert {k: v for k, v in vars(a).items() if k not in again} == {
+            k: v for k, v in vars(b).items() if k not in again}
+        assert b.seed != a.seed
+    assert parse(list(by_out[recipe.TOWER2_LMM].args)).init == recipe.HEAD_LMM
+    assert parse(list(by_out[recipe.TOWER2_CUE_LMM].args)).init == recipe.TOWER2_LMM
+    assert parse(list(by_out[recipe.FINAL_LMM].args)).init == recipe.TOWER2_CUE_LMM
     assert parse(list(by_out[recipe.HEAD_DATA].args)).wide_train == 1000
     sam = parse(list(by_out[recipe.SAM_RUN].args))
     assert sam.wide and str(sam.init).startswith(recipe.WIDE_SAM + "/")

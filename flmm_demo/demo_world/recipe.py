@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 13 h 45 min on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 15 h 20 min on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -53,7 +53,11 @@ NEAR_ANSWER_LMM = "runs/lmm-cue4ba"  # round 15's answer round on top of it (its
 # then a cue round and an answer round that fit the language model to the new features
 TOWER_LMM = "runs/lmm-tower"
 TOWER_CUE_LMM = "runs/lmm-tower-cue"
-FINAL_LMM = "runs/lmm-tower-ans"  # the LMM that ships
+HEAD_LMM = "runs/lmm-tower-ans"  # round 16's answer round: the head (round 17) was trained on its maps
+# round 18: the same three rounds again on top (a second tower round, its cue round and answer round)
+TOWER2_LMM = "runs/lmm-tower2"
+TOWER2_CUE_LMM = "runs/lmm-tower2-cue"
+FINAL_LMM = "runs/lmm-tower2-ans"  # the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -70,6 +74,10 @@ BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048"
 # The cue rounds (13-16): grounding turns, the attention loss x3, and the cue on the token
 # before each answer, toward the object or objects it is about.
 CUES = ("--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention", "--cue-groups")
+# The tower rounds (16 and 18): the vision tower alone (the language side saved as it was), on a pool of 80%
+# wide scenes, per-patch labels and the object heads (x2).
+TOWER = ("--scenes", "3000", "--wide-share", "0.8", "--tune-vision", "--vision-share", "1", "--probe-share", "0.1",
+         "--vision-lr", "1e-3", "--object-weight", "2", "--threads", "1")
 # The answer round: no grounding turns or attention loss (attention cannot move).
 ANSWERS = (*BALANCED_CHATS, "--answer-only", "--chat-lr", "1e-3", "--ground-share", "0",
            "--attention-weight", "0", "--threads", "1")
@@ -116,15 +124,21 @@ STEPS: tuple[Step, ...] = (
            "--init", NEAR_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
     _round(TOWER_LMM, "the tower alone on a pool of 80% wide scenes: per-patch labels, and linear heads that read "
            "each object's shape, colour and size from its mean feature (small ones own no patch)",
-           "--init", NEAR_ANSWER_LMM, "--seed", "20", "--minutes", "30", "--scenes", "3000", "--wide-share", "0.8",
-           "--tune-vision", "--vision-share", "1", "--probe-share", "0.1", "--vision-lr", "1e-3",
-           "--object-weight", "2", "--threads", "1"),
+           "--init", NEAR_ANSWER_LMM, "--seed", "20", "--minutes", "30", *TOWER),
     _round(TOWER_CUE_LMM, "the cue round's chats again (with --cue-near), the whole language model fitting the "
            "new tower's features",
            "--init", TOWER_LMM, "--seed", "22", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "5e-4",
            *CUES, "--cue-near", "--threads", "1"),
-    _round(FINAL_LMM, "an answer round on top of it",
+    _round(HEAD_LMM, "an answer round on top of it",
            "--init", TOWER_CUE_LMM, *ANSWERS, "--seed", "24", "--minutes", "35"),
+    _round(TOWER2_LMM, "round 18: a second tower round, the shipped language side kept (round 16's tower "
+           "accuracy was still rising when its budget ran out)",
+           "--init", HEAD_LMM, "--seed", "25", "--minutes", "30", *TOWER),
+    _round(TOWER2_CUE_LMM, "a cue round again, the language model fitting the tower's features",
+           "--init", TOWER2_LMM, "--seed", "27", "--minutes", "35", *BALANCED_CHATS, "--chat-lr", "5e-4",
+           *CUES, "--cue-near", "--threads", "1"),
+    _round(FINAL_LMM, "an answer round on top of it",
+           "--init", TOWER2_CUE_LMM, *ANSWERS, "--seed", "29", "--minutes", "30"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0", "--wide-train", "1000"),
          HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
@@ -142,12 +156,13 @@ STEPS: tuple[Step, ...] = (
     Step("flmm_demo.demo_world", ("train-sam", "--init", f"{WIDE_SAM}/sam_vit_tiny.safetensors", "--out",
                                   SAM_RUN, "--seed", "15", "--minutes", "50", "--lr", "1e-4", "--wide"),
          SAM_RUN, "a third round on the wide world, lower again"),
-    Step("flmm_demo", ("train", "--model", FINAL_LMM, "--data", HEAD_DATA,
+    Step("flmm_demo", ("train", "--model", HEAD_LMM, "--data", HEAD_DATA,
                        "--out", HEAD_RUN, "--sam", FINAL_SAM, "--sam-variant", "vit_tiny",
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
-         "maps of the LMM that ships (round 16's tower changed the features they are made of)"),
+         "maps of round 16's LMM (its tower changed the features they are made of); round 18's LMM ships with "
+         "this head, which it was measured with"),
 )
 
 def done(step: Step, root: Path) -> bool:
