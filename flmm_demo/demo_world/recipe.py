@@ -71,9 +71,12 @@ GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", 
 # The chats of rounds 12-15: 60% wide pool, short answers, the probe, half answer-balanced.
 BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share",
                   "0.15", "--balanced-share", "0.5")
-# The cue rounds (13-16): grounding turns, the attention loss x3, and the cue on the token
+# The cue rounds (13-18): grounding turns, the attention loss x3, and the cue on the token
 # before each answer, toward the object or objects it is about.
 CUES = ("--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention", "--cue-groups")
+# The cue round after each tower round (16 and 18): the chats and cues of round 15's (with --cue-near), the whole
+# language model fitting the new tower's features at a higher rate.
+TOWER_CUES = (*BALANCED_CHATS, "--chat-lr", "5e-4", *CUES, "--cue-near", "--threads", "1")
 # The tower rounds (16 and 18): the vision tower alone (the language side saved as it was), on a pool of 80%
 # wide scenes, per-patch labels and the object heads (x2).
 TOWER = ("--scenes", "3000", "--wide-share", "0.8", "--tune-vision", "--vision-share", "1", "--probe-share", "0.1",
@@ -127,16 +130,14 @@ STEPS: tuple[Step, ...] = (
            "--init", NEAR_ANSWER_LMM, "--seed", "20", "--minutes", "30", *TOWER),
     _round(TOWER_CUE_LMM, "the cue round's chats again (with --cue-near), the whole language model fitting the "
            "new tower's features",
-           "--init", TOWER_LMM, "--seed", "22", "--minutes", "40", *BALANCED_CHATS, "--chat-lr", "5e-4",
-           *CUES, "--cue-near", "--threads", "1"),
+           "--init", TOWER_LMM, "--seed", "22", "--minutes", "40", *TOWER_CUES),
     _round(HEAD_LMM, "an answer round on top of it",
            "--init", TOWER_CUE_LMM, *ANSWERS, "--seed", "24", "--minutes", "35"),
     _round(TOWER2_LMM, "round 18: a second tower round, the shipped language side kept (round 16's tower "
            "accuracy was still rising when its budget ran out)",
            "--init", HEAD_LMM, "--seed", "25", "--minutes", "30", *TOWER),
     _round(TOWER2_CUE_LMM, "a cue round again, the language model fitting the tower's features",
-           "--init", TOWER2_LMM, "--seed", "27", "--minutes", "35", *BALANCED_CHATS, "--chat-lr", "5e-4",
-           *CUES, "--cue-near", "--threads", "1"),
+           "--init", TOWER2_LMM, "--seed", "27", "--minutes", "35", *TOWER_CUES),
     _round(FINAL_LMM, "an answer round on top of it",
            "--init", TOWER2_CUE_LMM, *ANSWERS, "--seed", "29", "--minutes", "30"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
