@@ -420,17 +420,21 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     assert tower_answers.init == recipe.TOWER_CUE_LMM and tower_answers.answer_only
     assert {k: v for k, v in vars(tower_answers).items() if k not in same | {"minutes"}} == {
         k: v for k, v in vars(answers).items() if k not in same | {"minutes"}}
-    # round 18: the same three rounds again on top of round 16's, on new seeds
+    # rounds 18 and 20: the same three rounds again on top of round 16's, twice, on new seeds
     again = {"out", "init", "seed", "minutes"}
-    for first, second in ((recipe.TOWER_LMM, recipe.TOWER2_LMM), (recipe.TOWER_CUE_LMM, recipe.TOWER2_CUE_LMM),
-                          (recipe.HEAD_LMM, recipe.FINAL_LMM)):
-        a, b = parse(list(by_out[first].args)), parse(list(by_out[second].args))
-        assert {k: v for k, v in vars(a).items() if k not in again} == {
-            k: v for k, v in vars(b).items() if k not in again}
-        assert b.seed != a.seed
-    assert parse(list(by_out[recipe.TOWER2_LMM].args)).init == recipe.HEAD_LMM
-    assert parse(list(by_out[recipe.TOWER2_CUE_LMM].args)).init == recipe.TOWER2_LMM
-    assert parse(list(by_out[recipe.FINAL_LMM].args)).init == recipe.TOWER2_CUE_LMM
+    chains = ((recipe.TOWER_LMM, recipe.TOWER_CUE_LMM, recipe.HEAD_LMM),
+              (recipe.TOWER2_LMM, recipe.TOWER2_CUE_LMM, recipe.TOWER2_ANSWER_LMM),
+              (recipe.TOWER3_LMM, recipe.TOWER3_CUE_LMM, recipe.FINAL_LMM))
+    seeds = set()
+    for before, chain in zip(chains, chains[1:]):
+        init = before[-1]  # each chain starts from the answer round of the one before
+        for first, second in zip(before, chain):
+            a, b = parse(list(by_out[first].args)), parse(list(by_out[second].args))
+            assert {k: v for k, v in vars(a).items() if k not in again} == {
+                k: v for k, v in vars(b).items() if k not in again}
+            assert b.init == init and b.seed != a.seed and b.seed not in seeds
+            seeds.add(b.seed)
+            init = second
     assert parse(list(by_out[recipe.HEAD_DATA].args)).wide_train == 1000
     sam = parse(list(by_out[recipe.SAM_RUN].args))
     assert sam.wide and str(sam.init).startswith(recipe.WIDE_SAM + "/")
