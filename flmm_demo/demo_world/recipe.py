@@ -88,6 +88,19 @@ TOWER = ("--scenes", "3000", "--wide-share", "0.8", "--tune-vision", "--vision-s
 ANSWERS = (*BALANCED_CHATS, "--answer-only", "--chat-lr", "1e-3", "--ground-share", "0",
            "--attention-weight", "0", "--threads", "1")
 
+
+def _tower_chain(init: str, outs: tuple[str, str, str], seeds: tuple[str, str, str], minutes: tuple[str, str, str],
+                 tower_why: str, cue_why: str = "a cue round again, the language model fitting the tower's features",
+                 ) -> tuple[Step, Step, Step]:
+    """A tower round (rounds 16, 18 and 20), then the cue round and the answer round that fit the language side
+    to the tower's new features; each step continues the one before, the first continues `init`."""
+    tower, cue, answer = outs
+    return (_round(tower, tower_why, "--init", init, "--seed", seeds[0], "--minutes", minutes[0], *TOWER),
+            _round(cue, cue_why, "--init", tower, "--seed", seeds[1], "--minutes", minutes[1], *TOWER_CUES),
+            _round(answer, "an answer round on top of it",
+                   "--init", cue, *ANSWERS, "--seed", seeds[2], "--minutes", minutes[2]))
+
+
 STEPS: tuple[Step, ...] = (
     _round("runs/lmm-base", "from scratch: vision tower on patch labels (40%, first at 128 px), then chat",
            "--seed", "0", "--minutes", "50", "--scenes", "3000", "--vision-share", "0.4", "--low-res-share", "0.6"),
@@ -128,27 +141,16 @@ STEPS: tuple[Step, ...] = (
            *CUES, "--cue-near", "--threads", "1"),
     _round(NEAR_ANSWER_LMM, "an answer round again, on the cue rounds' maps",
            "--init", NEAR_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
-    _round(TOWER_LMM, "the tower alone on a pool of 80% wide scenes: per-patch labels, and linear heads that read "
-           "each object's shape, colour and size from its mean feature (small ones own no patch)",
-           "--init", NEAR_ANSWER_LMM, "--seed", "20", "--minutes", "30", *TOWER),
-    _round(TOWER_CUE_LMM, "the cue round's chats again (with --cue-near), the whole language model fitting the "
-           "new tower's features",
-           "--init", TOWER_LMM, "--seed", "22", "--minutes", "40", *TOWER_CUES),
-    _round(HEAD_LMM, "an answer round on top of it",
-           "--init", TOWER_CUE_LMM, *ANSWERS, "--seed", "24", "--minutes", "35"),
-    _round(TOWER2_LMM, "round 18: a second tower round, the shipped language side kept (round 16's tower "
-           "accuracy was still rising when its budget ran out)",
-           "--init", HEAD_LMM, "--seed", "25", "--minutes", "30", *TOWER),
-    _round(TOWER2_CUE_LMM, "a cue round again, the language model fitting the tower's features",
-           "--init", TOWER2_LMM, "--seed", "27", "--minutes", "35", *TOWER_CUES),
-    _round(TOWER2_ANSWER_LMM, "an answer round on top of it",
-           "--init", TOWER2_CUE_LMM, *ANSWERS, "--seed", "29", "--minutes", "30"),
-    _round(TOWER3_LMM, "round 20: a third tower round (the tower's shape accuracy still rose in round 18)",
-           "--init", TOWER2_ANSWER_LMM, "--seed", "31", "--minutes", "30", *TOWER),
-    _round(TOWER3_CUE_LMM, "a cue round again, the language model fitting the tower's features",
-           "--init", TOWER3_LMM, "--seed", "33", "--minutes", "35", *TOWER_CUES),
-    _round(FINAL_LMM, "an answer round on top of it",
-           "--init", TOWER3_CUE_LMM, *ANSWERS, "--seed", "35", "--minutes", "30"),
+    *_tower_chain(NEAR_ANSWER_LMM, (TOWER_LMM, TOWER_CUE_LMM, HEAD_LMM), ("20", "22", "24"), ("30", "40", "35"),
+                  "the tower alone on a pool of 80% wide scenes: per-patch labels, and linear heads that read each "
+                  "object's shape, colour and size from its mean feature (small ones own no patch)",
+                  "the cue round's chats again (with --cue-near), the whole language model fitting the new tower's "
+                  "features"),
+    *_tower_chain(HEAD_LMM, (TOWER2_LMM, TOWER2_CUE_LMM, TOWER2_ANSWER_LMM), ("25", "27", "29"), ("30", "35", "30"),
+                  "round 18: a second tower round, the shipped language side kept (round 16's tower accuracy was "
+                  "still rising when its budget ran out)"),
+    *_tower_chain(TOWER2_ANSWER_LMM, (TOWER3_LMM, TOWER3_CUE_LMM, FINAL_LMM), ("31", "33", "35"), ("30", "35", "30"),
+                  "round 20: a third tower round (the tower's shape accuracy still rose in round 18)"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0", "--wide-train", "1000"),
          HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
