@@ -420,11 +420,12 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     assert tower_answers.init == recipe.TOWER_CUE_LMM and tower_answers.answer_only
     assert {k: v for k, v in vars(tower_answers).items() if k not in same | {"minutes"}} == {
         k: v for k, v in vars(answers).items() if k not in same | {"minutes"}}
-    # rounds 18 and 20: the same three rounds again on top of round 16's, twice, on new seeds
+    # rounds 18, 20 and 21: the same three rounds again on top of round 16's, three times, on new seeds
     again = {"out", "init", "seed", "minutes"}
     chains = ((recipe.TOWER_LMM, recipe.TOWER_CUE_LMM, recipe.HEAD_LMM),
               (recipe.TOWER2_LMM, recipe.TOWER2_CUE_LMM, recipe.TOWER2_ANSWER_LMM),
-              (recipe.TOWER3_LMM, recipe.TOWER3_CUE_LMM, recipe.FINAL_LMM))
+              (recipe.TOWER3_LMM, recipe.TOWER3_CUE_LMM, recipe.TOWER3_ANSWER_LMM),
+              (recipe.TOWER4_LMM, recipe.TOWER4_CUE_LMM, recipe.FINAL_LMM))
     seeds = set()
     for before, chain in zip(chains, chains[1:]):
         init = before[-1]  # each chain starts from the answer round of the one before

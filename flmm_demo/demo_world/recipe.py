@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 16 h 55 min on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 18 h 30 min on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -54,13 +54,17 @@ NEAR_ANSWER_LMM = "runs/lmm-cue4ba"  # round 15's answer round on top of it (its
 TOWER_LMM = "runs/lmm-tower"
 TOWER_CUE_LMM = "runs/lmm-tower-cue"
 HEAD_LMM = "runs/lmm-tower-ans"  # round 16's answer round: the head (round 17) was trained on its maps
-# rounds 18 and 20: the same three rounds again on top, twice (a tower round, its cue round and answer round)
+# rounds 18, 20 and 21: the same three rounds again on top, three times (a tower round, its cue round and answer
+# round)
 TOWER2_LMM = "runs/lmm-tower2"
 TOWER2_CUE_LMM = "runs/lmm-tower2-cue"
 TOWER2_ANSWER_LMM = "runs/lmm-tower2-ans"
 TOWER3_LMM = "runs/lmm-tower3"
 TOWER3_CUE_LMM = "runs/lmm-tower3-cue"
-FINAL_LMM = "runs/lmm-tower3-ans"  # the LMM that ships
+TOWER3_ANSWER_LMM = "runs/lmm-tower3-ans"
+TOWER4_LMM = "runs/lmm-tower4"
+TOWER4_CUE_LMM = "runs/lmm-tower4-cue"
+FINAL_LMM = "runs/lmm-tower4-ans"  # the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -74,13 +78,13 @@ GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", 
 # The chats of rounds 12-15: 60% wide pool, short answers, the probe, half answer-balanced.
 BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share",
                   "0.15", "--balanced-share", "0.5")
-# The cue rounds (13-20): grounding turns, the attention loss x3, and the cue on the token
+# The cue rounds (13-21): grounding turns, the attention loss x3, and the cue on the token
 # before each answer, toward the object or objects it is about.
 CUES = ("--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention", "--cue-groups")
-# The cue round after each tower round (16, 18 and 20): the chats and cues of round 15's (with --cue-near), the whole
+# The cue round after each tower round (16, 18, 20 and 21): the chats and cues of round 15's (with --cue-near), the whole
 # language model fitting the new tower's features at a higher rate.
 TOWER_CUES = (*BALANCED_CHATS, "--chat-lr", "5e-4", *CUES, "--cue-near", "--threads", "1")
-# The tower rounds (16, 18 and 20): the vision tower alone (the language side saved as it was), on a pool of 80%
+# The tower rounds (16, 18, 20 and 21): the vision tower alone (the language side saved as it was), on a pool of 80%
 # wide scenes, per-patch labels and the object heads (x2).
 TOWER = ("--scenes", "3000", "--wide-share", "0.8", "--tune-vision", "--vision-share", "1", "--probe-share", "0.1",
          "--vision-lr", "1e-3", "--object-weight", "2", "--threads", "1")
@@ -92,7 +96,7 @@ ANSWERS = (*BALANCED_CHATS, "--answer-only", "--chat-lr", "1e-3", "--ground-shar
 def _tower_chain(init: str, outs: tuple[str, str, str], seeds: tuple[str, str, str], minutes: tuple[str, str, str],
                  tower_why: str, cue_why: str = "a cue round again, the language model fitting the tower's features",
                  ) -> tuple[Step, Step, Step]:
-    """A tower round (rounds 16, 18 and 20), then the cue round and the answer round that fit the language side
+    """A tower round (rounds 16, 18, 20 and 21), then the cue round and the answer round that fit the language side
     to the tower's new features; each step continues the one before, the first continues `init`."""
     tower, cue, answer = outs
     return (_round(tower, tower_why, "--init", init, "--seed", seeds[0], "--minutes", minutes[0], *TOWER),
@@ -149,8 +153,10 @@ STEPS: tuple[Step, ...] = (
     *_tower_chain(HEAD_LMM, (TOWER2_LMM, TOWER2_CUE_LMM, TOWER2_ANSWER_LMM), ("25", "27", "29"), ("30", "35", "30"),
                   "round 18: a second tower round, the shipped language side kept (round 16's tower accuracy was "
                   "still rising when its budget ran out)"),
-    *_tower_chain(TOWER2_ANSWER_LMM, (TOWER3_LMM, TOWER3_CUE_LMM, FINAL_LMM), ("31", "33", "35"), ("30", "35", "30"),
-                  "round 20: a third tower round (the tower's shape accuracy still rose in round 18)"),
+    *_tower_chain(TOWER2_ANSWER_LMM, (TOWER3_LMM, TOWER3_CUE_LMM, TOWER3_ANSWER_LMM), ("31", "33", "35"),
+                  ("30", "35", "30"), "round 20: a third tower round (the tower's shape accuracy still rose in round 18)"),
+    *_tower_chain(TOWER3_ANSWER_LMM, (TOWER4_LMM, TOWER4_CUE_LMM, FINAL_LMM), ("37", "39", "41"), ("30", "35", "30"),
+                  "round 21: a fourth tower round (the tower's shape accuracy still rose in round 20)"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0", "--wide-train", "1000"),
          HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
@@ -173,7 +179,7 @@ STEPS: tuple[Step, ...] = (
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
-         "maps of round 16's LMM (its tower changed the features they are made of); round 20's LMM ships with "
+         "maps of round 16's LMM (its tower changed the features they are made of); round 21's LMM ships with "
          "this head, which it was measured with (one re-trained on round 18's maps did no better)"),
 )
 
