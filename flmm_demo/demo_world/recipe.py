@@ -82,14 +82,14 @@ GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", 
 # The chats of rounds 12-15: 60% wide pool, short answers, the probe, half answer-balanced.
 BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share",
                   "0.15", "--balanced-share", "0.5")
-# The cue rounds (13-21): grounding turns, the attention loss x3, and the cue on the token
+# The cue rounds (13-22): grounding turns, the attention loss x3, and the cue on the token
 # before each answer, toward the object or objects it is about.
 CUES = ("--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention", "--cue-groups")
-# The cue round after each tower round (16, 18, 20 and 21): the chats and cues of round 15's (with --cue-near), the whole
-# language model fitting the new tower's features at a higher rate.
+# The cue round after each tower round (16, 18, 20, 21 and 22): the chats and cues of round 15's (with
+# --cue-near), the whole language model fitting the new tower's features at a higher rate.
 TOWER_CUES = (*BALANCED_CHATS, "--chat-lr", "5e-4", *CUES, "--cue-near", "--threads", "1")
-# The tower rounds (16, 18, 20 and 21): the vision tower alone (the language side saved as it was), on a pool of 80%
-# wide scenes, per-patch labels and the object heads (x2).
+# The tower rounds (16, 18, 20, 21 and 22): the vision tower alone (the language side saved as it was), on a pool
+# of 80% wide scenes, per-patch labels and the object heads (x2).
 TOWER = ("--scenes", "3000", "--wide-share", "0.8", "--tune-vision", "--vision-share", "1", "--probe-share", "0.1",
          "--vision-lr", "1e-3", "--object-weight", "2", "--threads", "1")
 # The answer round: no grounding turns or attention loss (attention cannot move).
@@ -100,8 +100,8 @@ ANSWERS = (*BALANCED_CHATS, "--answer-only", "--chat-lr", "1e-3", "--ground-shar
 def _tower_chain(init: str, outs: tuple[str, str, str], seeds: tuple[str, str, str], minutes: tuple[str, str, str],
                  tower_why: str, cue_why: str = "a cue round again, the language model fitting the tower's features",
                  ) -> tuple[Step, Step, Step]:
-    """A tower round (rounds 16, 18, 20, 21 and 22), then the cue round and the answer round that fit the language side
-    to the tower's new features; each step continues the one before, the first continues `init`."""
+    """A tower round (rounds 16, 18, 20, 21 and 22), then the cue round and the answer round that fit the language
+    side to the tower's new features; each step continues the one before, the first continues `init`."""
     tower, cue, answer = outs
     return (_round(tower, tower_why, "--init", init, "--seed", seeds[0], "--minutes", minutes[0], *TOWER),
             _round(cue, cue_why, "--init", tower, "--seed", seeds[1], "--minutes", minutes[1], *TOWER_CUES),
@@ -149,7 +149,8 @@ STEPS: tuple[Step, ...] = (
            *CUES, "--cue-near", "--threads", "1"),
     _round(NEAR_ANSWER_LMM, "an answer round again, on the cue rounds' maps",
            "--init", NEAR_LMM, *ANSWERS, "--seed", "17", "--minutes", "40"),
-    *_tower_chain(NEAR_ANSWER_LMM, (TOWER_LMM, TOWER_CUE_LMM, TOWER_ANSWER_LMM), ("20", "22", "24"), ("30", "40", "35"),
+    *_tower_chain(NEAR_ANSWER_LMM, (TOWER_LMM, TOWER_CUE_LMM, TOWER_ANSWER_LMM), ("20", "22", "24"),
+                  ("30", "40", "35"),
                   "the tower alone on a pool of 80% wide scenes: per-patch labels, and linear heads that read each "
                   "object's shape, colour and size from its mean feature (small ones own no patch)",
                   "the cue round's chats again (with --cue-near), the whole language model fitting the new tower's "
@@ -159,7 +160,8 @@ STEPS: tuple[Step, ...] = (
                   "round 18: a second tower round, the shipped language side kept (round 16's tower accuracy was "
                   "still rising when its budget ran out)"),
     *_tower_chain(TOWER2_ANSWER_LMM, (TOWER3_LMM, TOWER3_CUE_LMM, TOWER3_ANSWER_LMM), ("31", "33", "35"),
-                  ("30", "35", "30"), "round 20: a third tower round (the tower's shape accuracy still rose in round 18)"),
+                  ("30", "35", "30"),
+                  "round 20: a third tower round (the tower's shape accuracy still rose in round 18)"),
     *_tower_chain(TOWER3_ANSWER_LMM, (TOWER4_LMM, TOWER4_CUE_LMM, TOWER4_ANSWER_LMM), ("37", "39", "41"),
                   ("30", "35", "30"),
                   "round 21: a fourth tower round (the tower's shape accuracy still rose in round 20)"),
