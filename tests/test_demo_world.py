@@ -402,8 +402,8 @@ def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
         else:
             assert step.args[0] == "train"
             args = head_parser.parse_args(list(step.args[1:]))
-            # The head learns the maps of round 21's LMM, made by an earlier step (round 22, whose LMM
-            # ships, continues it).
+            # The head learns the maps of round 21's LMM, made by an earlier step (rounds 22 and 23, whose
+            # LMM ships, continue it).
             assert args.model == recipe.HEAD_LMM and recipe.HEAD_LMM in made
             assert str(args.data) in made and str(args.out) == step.out
             # The refiner is trained on the demo world's SAM, made by an earlier step.
@@ -411,18 +411,18 @@ def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
             assert any(recipe.FINAL_SAM.startswith(out + "/") for out in made)
         made.append(step.out)
     assert recipe.FINAL_LMM in made and recipe.FINAL_HEAD.startswith(recipe.STEPS[-1].out)
-    # From the attention LMM (round 9) to the shipped one, only the cue rounds (rounds 13-22) and
-    # the tower rounds (16, 18, 20, 21 and 22) change what the maps are made of; every other one is an
+    # From the attention LMM (round 9) to the shipped one, only the cue rounds (rounds 13-23) and
+    # the tower rounds (16, 18 and 20-23) change what the maps are made of; every other one is an
     # answer round, which keeps every map.
     lmm_rounds = [s.out for s in recipe.STEPS if s.args[0] == "train-lmm"]
     after = lmm_rounds[lmm_rounds.index(recipe.ATTENTION_LMM) + 1:]
     assert after and after[-1] == recipe.FINAL_LMM
     rounds = {s.out: demo_parser.parse_args(list(s.args)) for s in recipe.STEPS if s.out in after}
     cues = (recipe.CUE_LMM, recipe.NEAR_LMM, recipe.TOWER_CUE_LMM, recipe.TOWER2_CUE_LMM, recipe.TOWER3_CUE_LMM,
-            recipe.TOWER4_CUE_LMM, recipe.TOWER5_CUE_LMM)
+            recipe.TOWER4_CUE_LMM, recipe.TOWER5_CUE_LMM, recipe.TOWER6_CUE_LMM)
     assert [out for out, a in rounds.items() if not a.answer_only] == [
         *cues[:2], recipe.TOWER_LMM, cues[2], recipe.TOWER2_LMM, cues[3], recipe.TOWER3_LMM, cues[4],
-        recipe.TOWER4_LMM, cues[5], recipe.TOWER5_LMM, cues[6]]
+        recipe.TOWER4_LMM, cues[5], recipe.TOWER5_LMM, cues[6], recipe.TOWER6_LMM, cues[7]]
     assert recipe.HEAD_LMM in after and rounds[recipe.HEAD_LMM].answer_only
     assert all(rounds[out].cue_attention and rounds[out].attention_weight > 0 for out in cues)
 

@@ -420,13 +420,14 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
     assert tower_answers.init == recipe.TOWER_CUE_LMM and tower_answers.answer_only
     assert {k: v for k, v in vars(tower_answers).items() if k not in same | {"minutes"}} == {
         k: v for k, v in vars(answers).items() if k not in same | {"minutes"}}
-    # rounds 18, 20, 21 and 22: the same three rounds again on top of round 16's, four times, on new seeds
+    # rounds 18 and 20-23: the same three rounds again on top of round 16's, five times, on new seeds
     again = {"out", "init", "seed", "minutes"}
     chains = ((recipe.TOWER_LMM, recipe.TOWER_CUE_LMM, recipe.TOWER_ANSWER_LMM),
               (recipe.TOWER2_LMM, recipe.TOWER2_CUE_LMM, recipe.TOWER2_ANSWER_LMM),
               (recipe.TOWER3_LMM, recipe.TOWER3_CUE_LMM, recipe.TOWER3_ANSWER_LMM),
               (recipe.TOWER4_LMM, recipe.TOWER4_CUE_LMM, recipe.TOWER4_ANSWER_LMM),
-              (recipe.TOWER5_LMM, recipe.TOWER5_CUE_LMM, recipe.FINAL_LMM))
+              (recipe.TOWER5_LMM, recipe.TOWER5_CUE_LMM, recipe.TOWER5_ANSWER_LMM),
+              (recipe.TOWER6_LMM, recipe.TOWER6_CUE_LMM, recipe.FINAL_LMM))
     seeds = set()
     for before, chain in zip(chains, chains[1:]):
         init = before[-1]  # each chain starts from the answer round of the one before
@@ -437,9 +438,9 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
             assert b.init == init and b.seed != a.seed and b.seed not in seeds
             seeds.add(b.seed)
             init = second
-    # round 22: the head learns the maps of the answer round the shipped chain starts from (round 21's; the loop
-    # above checks that the last chain continues it)
-    assert recipe.HEAD_LMM == chains[-2][-1]
+    # round 22: the head learns the maps of round 21's answer round, which the last two chains continue (the loop
+    # above checks that each chain starts from the one before)
+    assert recipe.HEAD_LMM == chains[-3][-1]
     assert parse(list(by_out[recipe.HEAD_DATA].args)).wide_train == 1000
     sam = parse(list(by_out[recipe.SAM_RUN].args))
     assert sam.wide and str(sam.init).startswith(recipe.WIDE_SAM + "/")

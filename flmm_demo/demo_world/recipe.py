@@ -1,6 +1,6 @@
 """How the shipped demo-shapes weights were made, as data: one place for the commands.
 
-`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 20 h 05 min on an
+`python -m flmm_demo.demo_world rebuild` runs these steps in order (about 21 h 40 min on an
 idle 2-core CPU); docs/demo_world_results.md explains each. The time budgets are
 wall-clock minutes, so a faster or busier machine takes more or fewer steps in each
 round and lands near the documented figures, not on the same bytes.
@@ -54,7 +54,7 @@ NEAR_ANSWER_LMM = "runs/lmm-cue4ba"  # round 15's answer round on top of it (its
 TOWER_LMM = "runs/lmm-tower"
 TOWER_CUE_LMM = "runs/lmm-tower-cue"
 TOWER_ANSWER_LMM = "runs/lmm-tower-ans"  # round 16's answer round (round 17's head was trained on its maps)
-# rounds 18, 20, 21 and 22: the same three rounds again on top, four times (a tower round, its cue round and
+# rounds 18, 20, 21, 22 and 23: the same three rounds again on top, five times (a tower round, its cue round and
 # answer round)
 TOWER2_LMM = "runs/lmm-tower2"
 TOWER2_CUE_LMM = "runs/lmm-tower2-cue"
@@ -68,7 +68,10 @@ TOWER4_ANSWER_LMM = "runs/lmm-tower4-ans"
 HEAD_LMM = TOWER4_ANSWER_LMM  # round 21's answer round: the head (round 22) was trained on its maps
 TOWER5_LMM = "runs/lmm-tower5"
 TOWER5_CUE_LMM = "runs/lmm-tower5-cue"
-FINAL_LMM = "runs/lmm-tower5-ans"  # the LMM that ships
+TOWER5_ANSWER_LMM = "runs/lmm-tower5-ans"
+TOWER6_LMM = "runs/lmm-tower6"
+TOWER6_CUE_LMM = "runs/lmm-tower6-cue"
+FINAL_LMM = "runs/lmm-tower6-ans"  # the LMM that ships
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -82,13 +85,13 @@ GROUND = ("--ground-share", "0.6", "--ground-turns", "6", "--attention-weight", 
 # The chats of rounds 12-15: 60% wide pool, short answers, the probe, half answer-balanced.
 BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048", "--short-qa", "--vcot-share",
                   "0.15", "--balanced-share", "0.5")
-# The cue rounds (13-22): grounding turns, the attention loss x3, and the cue on the token
+# The cue rounds (13-23): grounding turns, the attention loss x3, and the cue on the token
 # before each answer, toward the object or objects it is about.
 CUES = ("--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention", "--cue-groups")
-# The cue round after each tower round (16, 18, 20, 21 and 22): the chats and cues of round 15's (with
+# The cue round after each tower round (16, 18, 20-23): the chats and cues of round 15's (with
 # --cue-near), the whole language model fitting the new tower's features at a higher rate.
 TOWER_CUES = (*BALANCED_CHATS, "--chat-lr", "5e-4", *CUES, "--cue-near", "--threads", "1")
-# The tower rounds (16, 18, 20, 21 and 22): the vision tower alone (the language side saved as it was), on a pool
+# The tower rounds (16, 18, 20-23): the vision tower alone (the language side saved as it was), on a pool
 # of 80% wide scenes, per-patch labels and the object heads (x2).
 TOWER = ("--scenes", "3000", "--wide-share", "0.8", "--tune-vision", "--vision-share", "1", "--probe-share", "0.1",
          "--vision-lr", "1e-3", "--object-weight", "2", "--threads", "1")
@@ -100,7 +103,7 @@ ANSWERS = (*BALANCED_CHATS, "--answer-only", "--chat-lr", "1e-3", "--ground-shar
 def _tower_chain(init: str, outs: tuple[str, str, str], seeds: tuple[str, str, str], minutes: tuple[str, str, str],
                  tower_why: str, cue_why: str = "a cue round again, the language model fitting the tower's features",
                  ) -> tuple[Step, Step, Step]:
-    """A tower round (rounds 16, 18, 20, 21 and 22), then the cue round and the answer round that fit the language
+    """A tower round (rounds 16, 18 and 20-23), then the cue round and the answer round that fit the language
     side to the tower's new features; each step continues the one before, the first continues `init`."""
     tower, cue, answer = outs
     return (_round(tower, tower_why, "--init", init, "--seed", seeds[0], "--minutes", minutes[0], *TOWER),
@@ -165,8 +168,11 @@ STEPS: tuple[Step, ...] = (
     *_tower_chain(TOWER3_ANSWER_LMM, (TOWER4_LMM, TOWER4_CUE_LMM, TOWER4_ANSWER_LMM), ("37", "39", "41"),
                   ("30", "35", "30"),
                   "round 21: a fourth tower round (the tower's shape accuracy still rose in round 20)"),
-    *_tower_chain(TOWER4_ANSWER_LMM, (TOWER5_LMM, TOWER5_CUE_LMM, FINAL_LMM), ("43", "45", "47"), ("30", "35", "30"),
+    *_tower_chain(TOWER4_ANSWER_LMM, (TOWER5_LMM, TOWER5_CUE_LMM, TOWER5_ANSWER_LMM), ("43", "45", "47"),
+                  ("30", "35", "30"),
                   "round 22: a fifth tower round (the tower's shape accuracy still rose in round 21)"),
+    *_tower_chain(TOWER5_ANSWER_LMM, (TOWER6_LMM, TOWER6_CUE_LMM, FINAL_LMM), ("49", "51", "53"), ("30", "35", "30"),
+                  "round 23: a sixth tower round (the tower's shape accuracy still rose in round 22)"),
     Step("flmm_demo.demo_world", ("write-refer", "--out", HEAD_DATA, "--seed", "1", "--train", "600",
                                   "--val", "0", "--wide-train", "1000"),
          HEAD_DATA, "the head's training scenes: 600 of 2-5 shapes (seed 1) and 1,000 of the wide world"),
@@ -189,9 +195,9 @@ STEPS: tuple[Step, ...] = (
                        "--epochs", "3", "--lr", "1e-3", "--log-every", "200",
                        "--checkpoint-every", "1200", "--head-dtype", "float16"),
          HEAD_RUN, "the F-LMM head (U-Net and SAM refiner), by the same train command as for any LMM, on the "
-         "maps of round 21's LMM (four tower rounds changed the features they are made of); round 22's LMM "
+         "maps of round 21's LMM (four tower rounds changed the features they are made of); round 23's LMM "
          "ships with this head, which it was measured with (it beat round 17's head, trained on round 16's "
-         "maps, on 8 of 10 refined-cIoU sets)"),
+         "maps, on 8 of 10 refined-cIoU sets; a head on round 22's maps did no better in round 23)"),
 )
 
 def done(step: Step, root: Path) -> bool:
