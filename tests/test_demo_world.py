@@ -418,11 +418,9 @@ def test_rebuild_recipe_parses_chains_and_ends_in_the_shipped_folders(capsys):
     after = lmm_rounds[lmm_rounds.index(recipe.ATTENTION_LMM) + 1:]
     assert after and after[-1] == recipe.FINAL_LMM
     rounds = {s.out: demo_parser.parse_args(list(s.args)) for s in recipe.STEPS if s.out in after}
-    cues = (recipe.CUE_LMM, recipe.NEAR_LMM, recipe.TOWER_CUE_LMM, recipe.TOWER2_CUE_LMM, recipe.TOWER3_CUE_LMM,
-            recipe.TOWER4_CUE_LMM, recipe.TOWER5_CUE_LMM, recipe.TOWER6_CUE_LMM)
+    cues = (recipe.CUE_LMM, recipe.NEAR_LMM, *(cue for _, cue, _ in recipe.TOWER_CHAINS))
     assert [out for out, a in rounds.items() if not a.answer_only] == [
-        *cues[:2], recipe.TOWER_LMM, cues[2], recipe.TOWER2_LMM, cues[3], recipe.TOWER3_LMM, cues[4],
-        recipe.TOWER4_LMM, cues[5], recipe.TOWER5_LMM, cues[6], recipe.TOWER6_LMM, cues[7]]
+        *cues[:2], *(out for tower, cue, _ in recipe.TOWER_CHAINS for out in (tower, cue))]
     assert recipe.HEAD_LMM in after and rounds[recipe.HEAD_LMM].answer_only
     assert all(rounds[out].cue_attention and rounds[out].attention_weight > 0 for out in cues)
 

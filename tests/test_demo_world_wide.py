@@ -422,12 +422,8 @@ def test_the_wide_rounds_of_the_recipe_continue_the_classic_weights():
         k: v for k, v in vars(answers).items() if k not in same | {"minutes"}}
     # rounds 18 and 20-23: the same three rounds again on top of round 16's, five times, on new seeds
     again = {"out", "init", "seed", "minutes"}
-    chains = ((recipe.TOWER_LMM, recipe.TOWER_CUE_LMM, recipe.TOWER_ANSWER_LMM),
-              (recipe.TOWER2_LMM, recipe.TOWER2_CUE_LMM, recipe.TOWER2_ANSWER_LMM),
-              (recipe.TOWER3_LMM, recipe.TOWER3_CUE_LMM, recipe.TOWER3_ANSWER_LMM),
-              (recipe.TOWER4_LMM, recipe.TOWER4_CUE_LMM, recipe.TOWER4_ANSWER_LMM),
-              (recipe.TOWER5_LMM, recipe.TOWER5_CUE_LMM, recipe.TOWER5_ANSWER_LMM),
-              (recipe.TOWER6_LMM, recipe.TOWER6_CUE_LMM, recipe.FINAL_LMM))
+    chains = recipe.TOWER_CHAINS
+    assert len(chains) == 6 and chains[0][0] == recipe.TOWER_LMM and chains[-1][-1] == recipe.FINAL_LMM
     seeds = set()
     for before, chain in zip(chains, chains[1:]):
         init = before[-1]  # each chain starts from the answer round of the one before

@@ -72,6 +72,10 @@ TOWER5_ANSWER_LMM = "runs/lmm-tower5-ans"
 TOWER6_LMM = "runs/lmm-tower6"
 TOWER6_CUE_LMM = "runs/lmm-tower6-cue"
 FINAL_LMM = "runs/lmm-tower6-ans"  # the LMM that ships
+# every tower chain's run folders (tower round, cue round, answer round), in order: rounds 16, 18 and 20-23
+TOWER_CHAINS = ((TOWER_LMM, TOWER_CUE_LMM, TOWER_ANSWER_LMM), (TOWER2_LMM, TOWER2_CUE_LMM, TOWER2_ANSWER_LMM),
+                (TOWER3_LMM, TOWER3_CUE_LMM, TOWER3_ANSWER_LMM), (TOWER4_LMM, TOWER4_CUE_LMM, TOWER4_ANSWER_LMM),
+                (TOWER5_LMM, TOWER5_CUE_LMM, TOWER5_ANSWER_LMM), (TOWER6_LMM, TOWER6_CUE_LMM, FINAL_LMM))
 HEAD_DATA = "data/demo-shapes-mix2"
 FIRST_SAM = "runs/sam-tiny"
 CLASSIC_SAM = "runs/sam-tiny2"  # the second round of the classic world
@@ -88,10 +92,10 @@ BALANCED_CHATS = ("--scenes", "2000", "--wide-share", "0.6", "--context", "2048"
 # The cue rounds (13-23): grounding turns, the attention loss x3, and the cue on the token
 # before each answer, toward the object or objects it is about.
 CUES = ("--ground-share", "0.5", "--ground-turns", "6", "--attention-weight", "3", "--cue-attention", "--cue-groups")
-# The cue round after each tower round (16, 18, 20-23): the chats and cues of round 15's (with
+# The cue round after each tower round (16, 18 and 20-23): the chats and cues of round 15's (with
 # --cue-near), the whole language model fitting the new tower's features at a higher rate.
 TOWER_CUES = (*BALANCED_CHATS, "--chat-lr", "5e-4", *CUES, "--cue-near", "--threads", "1")
-# The tower rounds (16, 18, 20-23): the vision tower alone (the language side saved as it was), on a pool
+# The tower rounds (16, 18 and 20-23): the vision tower alone (the language side saved as it was), on a pool
 # of 80% wide scenes, per-patch labels and the object heads (x2).
 TOWER = ("--scenes", "3000", "--wide-share", "0.8", "--tune-vision", "--vision-share", "1", "--probe-share", "0.1",
          "--vision-lr", "1e-3", "--object-weight", "2", "--threads", "1")
